@@ -1,0 +1,1 @@
+//! percept: offline, real-time media analysis.
