@@ -1,3 +1,189 @@
-fn main() {
-    println!("percept");
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use percept::config::Config;
+use percept::run::{self, Overrides};
+
+/// Offline, real-time media analysis: cameras, meetings and recordings in, timestamped events out.
+#[derive(Parser)]
+#[command(name = "percept", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Analyse one or more sources and write events as JSON Lines.
+    Run(RunArgs),
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Synthetic sources for demos and tests.
+    #[command(hide = true)]
+    Testsrc {
+        #[command(subcommand)]
+        command: TestsrcCommand,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A source: [NAME=]URI (path, file://, rtsp://, http(s)://, v4l2://, pulse://, alsa://, test:).
+    /// Repeat for several sources; replaces the config file's sources.
+    #[arg(long = "source", value_name = "URI")]
+    sources: Vec<String>,
+    /// TOML configuration (see config/default.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Frames per second sampled for analysis.
+    #[arg(long)]
+    fps: Option<f64>,
+    /// Write events to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    events: Option<String>,
+    /// Address for /metrics and /healthz (default 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Play files at their real speed instead of as fast as possible.
+    #[arg(long)]
+    realtime: bool,
+    /// Do not serve HTTP.
+    #[arg(long)]
+    no_http: bool,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Parse and validate files; print every problem.
+    Check { files: Vec<PathBuf> },
+}
+
+#[derive(Subcommand)]
+enum TestsrcCommand {
+    /// Serve a synthetic H.264 + AAC camera over RTSP on 127.0.0.1.
+    Rtsp {
+        #[arg(long, default_value_t = 8554)]
+        port: u16,
+        #[arg(long, default_value = "/test")]
+        path: String,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        password: Option<String>,
+        #[arg(long, default_value_t = 640)]
+        width: u32,
+        #[arg(long, default_value_t = 360)]
+        height: u32,
+        #[arg(long, default_value_t = 30)]
+        fps: u32,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PERCEPT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => cmd_run(args),
+        Command::Config {
+            command: ConfigCommand::Check { files },
+        } => cmd_config_check(&files),
+        Command::Testsrc { command } => match command {
+            TestsrcCommand::Rtsp {
+                port,
+                path,
+                user,
+                password,
+                width,
+                height,
+                fps,
+            } => {
+                let creds = user.map(|u| (u, password.unwrap_or_default()));
+                match percept::testsrc::serve_rtsp(port, &path, creds, (width, height, fps)) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("percept: {e}");
+                        ExitCode::from(2)
+                    }
+                }
+            }
+        },
+    }
+}
+
+fn cmd_run(args: RunArgs) -> ExitCode {
+    let cfg = match &args.config {
+        Some(p) => match Config::load(p) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("percept: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    let overrides = Overrides {
+        sources: args.sources,
+        fps: args.fps,
+        events: args.events,
+        listen: args.listen,
+        realtime: args.realtime,
+        no_http: args.no_http,
+    };
+    let cfg = run::merge(cfg, &overrides);
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while draining exits at once.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone());
+        let _ = signal_hook::flag::register(sig, stop.clone());
+    }
+    match run::run(&cfg, stop) {
+        Ok(report) => {
+            for f in &report.failures {
+                eprintln!("percept: {f}");
+            }
+            ExitCode::from(report.exit_code())
+        }
+        Err(e) => {
+            eprintln!("percept: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn cmd_config_check(files: &[PathBuf]) -> ExitCode {
+    if files.is_empty() {
+        eprintln!("percept: config check needs at least one FILE");
+        return ExitCode::from(2);
+    }
+    let mut bad = false;
+    for f in files {
+        match Config::load(f) {
+            Ok(_) => println!("{}: ok", f.display()),
+            Err(e) => {
+                bad = true;
+                println!("{e}");
+            }
+        }
+    }
+    if bad {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -1,0 +1,179 @@
+//! The event contract: one JSON object per line, every event with `source`, `kind` and `t`
+//! (media seconds where it starts) and `end` for spans. Sinks serialize these and nothing else.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Event {
+    pub source: String,
+    pub t: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end: Option<f64>,
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+/// Lifecycle of one source. Each transition is an event and a metric.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceState {
+    Connecting,
+    Running,
+    Reconnecting,
+    Failed,
+    Eos,
+}
+
+impl SourceState {
+    pub const ALL: [SourceState; 5] = [
+        SourceState::Connecting,
+        SourceState::Running,
+        SourceState::Reconnecting,
+        SourceState::Failed,
+        SourceState::Eos,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceState::Connecting => "connecting",
+            SourceState::Running => "running",
+            SourceState::Reconnecting => "reconnecting",
+            SourceState::Failed => "failed",
+            SourceState::Eos => "eos",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Media {
+    Video,
+    Audio,
+}
+
+impl Media {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Media::Video => "video",
+            Media::Audio => "audio",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Body {
+    /// A sampled frame the worker analysed.
+    Frame {
+        width: u32,
+        height: u32,
+        /// Mean absolute luma change against the previous analysed frame, 0..1.
+        motion: f64,
+        scene_change: bool,
+        /// Wall-clock milliseconds from the appsink to the end of analysis.
+        latency_ms: f64,
+    },
+    /// An audio chunk the worker analysed (16 kHz mono).
+    Audio {
+        /// RMS level in dBFS (-120 for digital silence).
+        level: f64,
+        voice: bool,
+        samples: u64,
+    },
+    Drop {
+        media: Media,
+        count: u64,
+        reason: String,
+    },
+    Gap {
+        reason: String,
+    },
+    State {
+        state: SourceState,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_in: Option<f64>,
+    },
+    Error {
+        message: String,
+    },
+    Summary(Summary),
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Summary {
+    pub frames_decoded: u64,
+    pub frames_sampled: u64,
+    pub frames_analyzed: u64,
+    pub frames_dropped: u64,
+    pub audio_seconds: f64,
+    pub audio_seconds_dropped: f64,
+    pub gaps: u64,
+    pub reconnects: u64,
+    pub keyframe_only: bool,
+    pub final_state: Option<SourceState>,
+    pub wall_seconds: f64,
+}
+
+impl Event {
+    pub fn new(source: &str, t: f64, end: Option<f64>, body: Body) -> Event {
+        Event {
+            source: source.to_string(),
+            t: round_ms(t),
+            end: end.map(round_ms),
+            body,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self.body {
+            Body::Frame { .. } => "frame",
+            Body::Audio { .. } => "audio",
+            Body::Drop { .. } => "drop",
+            Body::Gap { .. } => "gap",
+            Body::State { .. } => "state",
+            Body::Error { .. } => "error",
+            Body::Summary(_) => "summary",
+        }
+    }
+}
+
+/// Media times are printed to the microsecond: enough for sample-exact audio at 16 kHz
+/// (62.5 us per sample) without float noise in the JSON.
+fn round_ms(t: f64) -> f64 {
+    (t * 1e6).round() / 1e6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serializes_flat_with_kind() {
+        let e = Event::new(
+            "door",
+            1.0000004,
+            None,
+            Body::Frame {
+                width: 640,
+                height: 360,
+                motion: 0.5,
+                scene_change: true,
+                latency_ms: 3.0,
+            },
+        );
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["kind"], "frame");
+        assert_eq!(v["source"], "door");
+        assert_eq!(v["t"], 1.0);
+        assert!(v.get("end").is_none());
+        let s = Event::new("door", 0.0, Some(2.0), Body::Summary(Summary::default()));
+        let v: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["kind"], "summary");
+        assert_eq!(v["frames_sampled"], 0);
+        assert_eq!(v["end"], 2.0);
+    }
+}

@@ -1,0 +1,342 @@
+//! Bounded queues between GStreamer's streaming threads and the worker. Each queue has a
+//! declared when-full policy, every item carries its size, and all queues share one byte
+//! budget, so memory cannot grow with the input rate. Nothing here blocks without bound:
+//! a blocking push wakes up regularly to check for shutdown.
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a push does when the queue (or the shared byte budget) is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Backpressure: wait for space (files: nothing is skipped).
+    Block,
+    /// Freshest wins: evict the oldest queued items (live video).
+    DropOldest,
+    /// Refuse the incoming item (live audio: whole chunks, reported as a gap).
+    DropNewest,
+}
+
+/// Bytes queued across every queue of the process, against one limit.
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: usize,
+    used: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl ByteBudget {
+    pub fn new(limit: usize) -> Arc<ByteBudget> {
+        Arc::new(ByteBudget {
+            limit,
+            used: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        })
+    }
+
+    /// Take `n` bytes if they fit. An item larger than the whole budget is let through when
+    /// nothing else is queued, or it could never be delivered.
+    fn try_reserve(&self, n: usize) -> bool {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            if cur + n > self.limit && cur != 0 {
+                return false;
+            }
+            match self
+                .used
+                .compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.peak.fetch_max(cur + n, Ordering::Relaxed);
+                    return true;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn release(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+/// Per-queue figures: depth in items and bytes.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub depth: AtomicUsize,
+    pub bytes: AtomicUsize,
+}
+
+/// Why a push did not queue its item, or which items it evicted to make room.
+#[derive(Debug)]
+pub enum Pushed<T> {
+    Queued,
+    /// Queued after evicting these older items (DropOldest).
+    QueuedEvicting(Vec<T>),
+    /// Not queued: the queue or the byte budget was full (DropNewest, or an item that fits
+    /// nowhere under DropOldest). The item is handed back for accounting.
+    Rejected(T),
+    /// Not queued: shutting down or the worker has gone.
+    Closed(T),
+}
+
+/// An item in flight with its size in bytes.
+pub struct Slot<T> {
+    item: T,
+    bytes: usize,
+}
+
+/// The producer side, owned by a streaming thread.
+pub struct QueueTx<T> {
+    tx: Sender<Slot<T>>,
+    // A receiver clone lets the producer evict the oldest item itself (freshest wins).
+    evict: Receiver<Slot<T>>,
+    policy: WhenFull,
+    budget: Arc<ByteBudget>,
+    stats: Arc<QueueStats>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The consumer side, owned by the worker.
+pub struct QueueRx<T> {
+    rx: Receiver<Slot<T>>,
+    budget: Arc<ByteBudget>,
+    stats: Arc<QueueStats>,
+}
+
+/// A bounded queue of `capacity` items under `budget`.
+pub fn bounded<T>(
+    capacity: usize,
+    policy: WhenFull,
+    budget: Arc<ByteBudget>,
+    stop: Arc<AtomicBool>,
+) -> (QueueTx<T>, QueueRx<T>) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+    let stats = Arc::new(QueueStats::default());
+    (
+        QueueTx {
+            tx,
+            evict: rx.clone(),
+            policy,
+            budget: budget.clone(),
+            stats: stats.clone(),
+            stop,
+        },
+        QueueRx { rx, budget, stats },
+    )
+}
+
+/// How often a blocked producer re-checks for shutdown.
+const BLOCK_POLL: Duration = Duration::from_millis(50);
+
+impl<T> QueueTx<T> {
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+
+    pub fn policy(&self) -> WhenFull {
+        self.policy
+    }
+
+    pub fn push(&self, item: T, bytes: usize) -> Pushed<T> {
+        let mut evicted = Vec::new();
+        let mut slot = Slot { item, bytes };
+        // Reserve budget first so the total never exceeds it, even for an instant.
+        // Once stopping, a push still queues what fits (the worker drains it) but never waits.
+        loop {
+            if self.budget.try_reserve(bytes) {
+                break;
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                return Pushed::Closed(slot.item);
+            }
+            match self.policy {
+                WhenFull::Block => std::thread::sleep(Duration::from_millis(2)),
+                WhenFull::DropNewest => return Pushed::Rejected(slot.item),
+                WhenFull::DropOldest => match self.evict.try_recv() {
+                    Ok(old) => {
+                        self.account_out(old.bytes);
+                        evicted.push(old.item);
+                    }
+                    // Our queue is empty: the budget is held by other sources' queues.
+                    Err(_) => return Pushed::Rejected(slot.item),
+                },
+            }
+        }
+        loop {
+            match self.tx.try_send(slot) {
+                Ok(()) => {
+                    self.stats.depth.fetch_add(1, Ordering::Relaxed);
+                    self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    return if evicted.is_empty() {
+                        Pushed::Queued
+                    } else {
+                        Pushed::QueuedEvicting(evicted)
+                    };
+                }
+                Err(TrySendError::Disconnected(s)) => {
+                    self.budget.release(bytes);
+                    return Pushed::Closed(s.item);
+                }
+                Err(TrySendError::Full(s)) => {
+                    slot = s;
+                    match self.policy {
+                        WhenFull::DropNewest => {
+                            self.budget.release(bytes);
+                            return Pushed::Rejected(slot.item);
+                        }
+                        WhenFull::DropOldest => {
+                            if let Ok(old) = self.evict.try_recv() {
+                                self.account_out(old.bytes);
+                                evicted.push(old.item);
+                            }
+                        }
+                        WhenFull::Block => {
+                            if self.stop.load(Ordering::Relaxed) {
+                                self.budget.release(bytes);
+                                return Pushed::Closed(slot.item);
+                            }
+                            match self.tx.send_timeout(slot, BLOCK_POLL) {
+                                Ok(()) => {
+                                    self.stats.depth.fetch_add(1, Ordering::Relaxed);
+                                    self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+                                    return Pushed::Queued;
+                                }
+                                Err(crossbeam_channel::SendTimeoutError::Timeout(s)) => slot = s,
+                                Err(crossbeam_channel::SendTimeoutError::Disconnected(s)) => {
+                                    self.budget.release(bytes);
+                                    return Pushed::Closed(s.item);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn account_out(&self, bytes: usize) {
+        self.budget.release(bytes);
+        self.stats.depth.fetch_sub(1, Ordering::Relaxed);
+        self.stats.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+impl<T> QueueRx<T> {
+    /// The channel, for `crossbeam_channel::Select` across many queues. Items received from
+    /// it directly must be passed to [`QueueRx::accept`].
+    pub fn receiver(&self) -> &Receiver<Slot<T>> {
+        &self.rx
+    }
+
+    /// Account for an item taken out of the channel and return it.
+    pub fn accept(&self, slot: Slot<T>) -> T {
+        self.budget.release(slot.bytes);
+        self.stats.depth.fetch_sub(1, Ordering::Relaxed);
+        self.stats.bytes.fetch_sub(slot.bytes, Ordering::Relaxed);
+        slot.item
+    }
+
+    pub fn try_recv(&self) -> Option<T> {
+        self.rx.try_recv().ok().map(|s| self.accept(s))
+    }
+
+    pub fn recv_timeout(&self, d: Duration) -> Option<T> {
+        self.rx.recv_timeout(d).ok().map(|s| self.accept(s))
+    }
+
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stop() -> Arc<AtomicBool> {
+        Arc::new(AtomicBool::new(false))
+    }
+
+    #[test]
+    fn drop_oldest_keeps_freshest_and_counts() {
+        let budget = ByteBudget::new(1_000);
+        let (tx, rx) = bounded::<u32>(3, WhenFull::DropOldest, budget.clone(), stop());
+        let mut evicted = Vec::new();
+        for i in 0..10 {
+            match tx.push(i, 10) {
+                Pushed::Queued => {}
+                Pushed::QueuedEvicting(v) => evicted.extend(v),
+                other => panic!("{other:?}"),
+            }
+        }
+        let got: Vec<u32> = std::iter::from_fn(|| rx.try_recv()).collect();
+        assert_eq!(got, vec![7, 8, 9]);
+        assert_eq!(evicted, (0..7).collect::<Vec<_>>());
+        assert_eq!(budget.used(), 0);
+        assert_eq!(rx.stats().depth.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn budget_is_shared_and_never_exceeded() {
+        let budget = ByteBudget::new(100);
+        let (a, ra) = bounded::<u32>(100, WhenFull::DropNewest, budget.clone(), stop());
+        let (b, _rb) = bounded::<u32>(100, WhenFull::DropOldest, budget.clone(), stop());
+        for i in 0..6 {
+            a.push(i, 10);
+        }
+        let mut rejected = 0;
+        for i in 0..10 {
+            if let Pushed::Rejected(_) = b.push(i, 10) {
+                rejected += 1;
+            }
+        }
+        assert!(budget.peak() <= 100);
+        assert_eq!(budget.used(), 100);
+        // b may hold 4 items; 6 are in a. b's later pushes evict b's own oldest.
+        assert_eq!(rejected, 0);
+        assert!(matches!(a.push(99, 10), Pushed::Rejected(99)));
+        assert_eq!(ra.len(), 6);
+    }
+
+    #[test]
+    fn block_waits_then_stops_on_shutdown() {
+        let budget = ByteBudget::new(1_000);
+        let flag = stop();
+        let (tx, rx) = bounded::<u32>(1, WhenFull::Block, budget, flag.clone());
+        assert!(matches!(tx.push(1, 1), Pushed::Queued));
+        let h = std::thread::spawn(move || tx.push(2, 1));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(rx.try_recv(), Some(1));
+        assert!(matches!(h.join().unwrap(), Pushed::Queued));
+        assert_eq!(rx.try_recv(), Some(2));
+        let (tx2, _rx2) = bounded::<u32>(1, WhenFull::Block, ByteBudget::new(1_000), flag.clone());
+        tx2.push(1, 1);
+        let h = std::thread::spawn(move || tx2.push(2, 1));
+        std::thread::sleep(Duration::from_millis(100));
+        flag.store(true, Ordering::Relaxed);
+        assert!(matches!(h.join().unwrap(), Pushed::Closed(2)));
+    }
+}

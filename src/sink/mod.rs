@@ -1,0 +1,103 @@
+//! Where events go. Every event is written as one JSON line and flushed at once, so a crash,
+//! a SIGKILL or Ctrl-C never leaves a half-written line behind; live subscribers (HTTP feeds)
+//! get a copy through bounded channels that drop for them, never for the file.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use crate::event::Event;
+
+type Writer = Box<dyn Write + Send>;
+
+#[derive(Clone)]
+pub struct Events {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: Mutex<Option<Writer>>,
+    subscribers: Mutex<Vec<crossbeam_channel::Sender<Event>>>,
+}
+
+impl Events {
+    /// "-" writes to stdout; anything else is a file path, appended to.
+    pub fn open(target: &str) -> io::Result<Events> {
+        let writer: Writer = if target == "-" {
+            Box::new(io::stdout())
+        } else {
+            let path = Path::new(target);
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+        };
+        Ok(Events::with_writer(Some(writer)))
+    }
+
+    pub fn with_writer(writer: Option<Writer>) -> Events {
+        Events {
+            inner: Arc::new(Inner {
+                writer: Mutex::new(writer),
+                subscribers: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// A live copy of every event from now on; `capacity` events may wait before this
+    /// subscriber starts losing them.
+    pub fn subscribe(&self, capacity: usize) -> crossbeam_channel::Receiver<Event> {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        self.inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx);
+        rx
+    }
+
+    pub fn emit(&self, event: Event) {
+        {
+            let mut guard = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(w) = guard.as_mut() {
+                let mut line = match serde_json::to_vec(&event) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot serialize event.");
+                        return;
+                    }
+                };
+                line.push(b'\n');
+                if let Err(e) = w.write_all(&line).and_then(|()| w.flush()) {
+                    // A closed pipe (`percept run ... | head`) is the reader's choice, not an error.
+                    if e.kind() != io::ErrorKind::BrokenPipe {
+                        tracing::error!(error = %e, "Cannot write events; further events are not written.");
+                    }
+                    *guard = None;
+                }
+            }
+        }
+        let mut subs = self
+            .inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        subs.retain(|s| match s.try_send(event.clone()) {
+            Ok(()) | Err(crossbeam_channel::TrySendError::Full(_)) => true,
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
+        });
+    }
+
+    pub fn flush(&self) {
+        if let Some(w) = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            let _ = w.flush();
+        }
+    }
+}

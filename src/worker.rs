@@ -1,0 +1,246 @@
+//! The worker: one thread that pulls from every source's queues and analyses what it gets.
+//! For now the analysis is percept's built-in signal analysis; the model worker replaces it
+//! behind the same queues.
+
+use crossbeam_channel::{Receiver, Select};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::AnalysisConfig;
+use crate::event::{Body, Media};
+use crate::ingest::{AudioChunk, Feed, VideoFrame, AUDIO_RATE};
+use crate::queue::QueueRx;
+use crate::signal::{level_dbfs, MotionDetector, VoiceDetector};
+
+/// A source as the worker sees it.
+pub struct WorkerSource {
+    pub feed: Arc<Feed>,
+    pub video: QueueRx<VideoFrame>,
+    pub audio: QueueRx<AudioChunk>,
+}
+
+pub enum Control {
+    Add(WorkerSource),
+    /// No more media will be pushed: drain and exit. With a deadline, what is still queued
+    /// then is counted as dropped ("shutdown").
+    Finish {
+        deadline: Option<Instant>,
+    },
+}
+
+struct Slot {
+    src: WorkerSource,
+    motion: MotionDetector,
+}
+
+/// How often pending drops become events and queue gauges are refreshed.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+pub struct Worker {
+    cfg: AnalysisConfig,
+    control: Receiver<Control>,
+    vad: VoiceDetector,
+}
+
+impl Worker {
+    pub fn new(cfg: AnalysisConfig, control: Receiver<Control>) -> Worker {
+        let vad = VoiceDetector::new(cfg.voice_min_dbfs);
+        Worker { cfg, control, vad }
+    }
+
+    pub fn run(self) {
+        let mut slots: Vec<Slot> = Vec::new();
+        let mut finish: Option<Option<Instant>> = None;
+        let mut last_report = Instant::now();
+        let mut incoming: Option<Control> = None;
+        loop {
+            let pending = incoming
+                .take()
+                .into_iter()
+                .chain(std::iter::from_fn(|| self.control.try_recv().ok()));
+            for msg in pending.collect::<Vec<_>>() {
+                match msg {
+                    Control::Add(src) => slots.push(Slot {
+                        src,
+                        motion: MotionDetector::default(),
+                    }),
+                    Control::Finish { deadline } => finish = Some(deadline),
+                }
+            }
+            if last_report.elapsed() >= REPORT_EVERY {
+                report(&slots);
+                last_report = Instant::now();
+            }
+            if let Some(deadline) = finish {
+                let empty = slots
+                    .iter()
+                    .all(|s| s.src.video.is_empty() && s.src.audio.is_empty());
+                if empty || deadline.is_some_and(|d| Instant::now() >= d) {
+                    for s in &slots {
+                        let frames: Vec<VideoFrame> =
+                            std::iter::from_fn(|| s.src.video.try_recv()).collect();
+                        s.src.feed.drop_frames(&frames, "shutdown");
+                        let chunks: Vec<AudioChunk> =
+                            std::iter::from_fn(|| s.src.audio.try_recv()).collect();
+                        s.src.feed.drop_audio(&chunks, "shutdown");
+                    }
+                    report(&slots);
+                    return;
+                }
+            }
+            incoming = self.step(&mut slots);
+        }
+    }
+
+    /// Wait briefly for any queue and analyse one item; a control message is returned.
+    fn step(&self, slots: &mut [Slot]) -> Option<Control> {
+        // Clones (cheap handles) so the selection does not borrow the slots being analysed.
+        let video: Vec<_> = slots
+            .iter()
+            .map(|s| s.src.video.receiver().clone())
+            .collect();
+        let audio: Vec<_> = slots
+            .iter()
+            .map(|s| s.src.audio.receiver().clone())
+            .collect();
+        let mut sel = Select::new();
+        for (v, a) in video.iter().zip(&audio) {
+            sel.recv(v);
+            sel.recv(a);
+        }
+        let ctl = sel.recv(&self.control);
+        let Ok(op) = sel.select_timeout(Duration::from_millis(100)) else {
+            return None;
+        };
+        let idx = op.index();
+        if idx == ctl {
+            return op.recv(&self.control).ok();
+        }
+        let slot = &mut slots[idx / 2];
+        if idx % 2 == 0 {
+            if let Ok(raw) = op.recv(&video[idx / 2]) {
+                let frame = slot.src.video.accept(raw);
+                self.analyse_frame(slot, frame);
+            }
+        } else if let Ok(raw) = op.recv(&audio[idx / 2]) {
+            let chunk = slot.src.audio.accept(raw);
+            self.analyse_audio(slot, chunk);
+        }
+        None
+    }
+
+    fn delay(&self) {
+        if self.cfg.delay_ms > 0 {
+            std::thread::sleep(Duration::from_millis(self.cfg.delay_ms));
+        }
+    }
+
+    fn analyse_frame(&self, slot: &mut Slot, frame: VideoFrame) {
+        let feed = &slot.src.feed;
+        let motion = slot
+            .motion
+            .score(&frame.rgb, frame.width as usize, frame.height as usize);
+        self.delay();
+        let latency = frame.captured.elapsed().as_secs_f64();
+        feed.stats.frames_analyzed.fetch_add(1, Ordering::Relaxed);
+        feed.metrics
+            .frames_analyzed
+            .with_label_values(&[&feed.name])
+            .inc();
+        feed.metrics
+            .latency
+            .with_label_values(&[&feed.name, "video"])
+            .observe(latency);
+        feed.emit(
+            frame.t,
+            None,
+            Body::Frame {
+                width: frame.width,
+                height: frame.height,
+                motion: (motion * 1e4).round() / 1e4,
+                scene_change: motion >= self.cfg.scene_threshold,
+                latency_ms: (latency * 1e4).round() / 10.0,
+            },
+        );
+    }
+
+    fn analyse_audio(&self, slot: &mut Slot, chunk: AudioChunk) {
+        let feed = &slot.src.feed;
+        let level = level_dbfs(&chunk.samples);
+        let voice = self.vad.analyse(&chunk.samples).voice && level >= self.cfg.voice_min_dbfs;
+        self.delay();
+        let latency = chunk.captured.elapsed().as_secs_f64();
+        let n = chunk.samples.len() as u64;
+        feed.stats
+            .audio_samples_analyzed
+            .fetch_add(n, Ordering::Relaxed);
+        feed.metrics
+            .audio_seconds_analyzed
+            .with_label_values(&[&feed.name])
+            .inc_by(chunk.duration());
+        feed.metrics
+            .latency
+            .with_label_values(&[&feed.name, "audio"])
+            .observe(latency);
+        feed.metrics
+            .level_dbfs
+            .with_label_values(&[&feed.name])
+            .set(level);
+        feed.emit(
+            chunk.t,
+            Some(chunk.t + n as f64 / f64::from(AUDIO_RATE)),
+            Body::Audio {
+                level: (level * 100.0).round() / 100.0,
+                voice,
+                samples: n,
+            },
+        );
+    }
+}
+
+/// Turn pending drops into events and refresh queue gauges.
+fn report(slots: &[Slot]) {
+    let mut total = 0usize;
+    for s in slots {
+        let feed = &s.src.feed;
+        for (media, q) in [
+            (Media::Video, s.src.video.stats()),
+            (Media::Audio, s.src.audio.stats()),
+        ] {
+            let bytes = q.bytes.load(Ordering::Relaxed);
+            total += bytes;
+            feed.metrics
+                .queue_depth
+                .with_label_values(&[&feed.name, media.as_str()])
+                .set(q.depth.load(Ordering::Relaxed) as i64);
+            feed.metrics
+                .queue_bytes
+                .with_label_values(&[&feed.name, media.as_str()])
+                .set(bytes as i64);
+        }
+        let mut gaps: HashMap<&str, (f64, f64)> = HashMap::new();
+        for d in feed.take_drops() {
+            let end = (d.t1 > d.t0).then_some(d.t1);
+            feed.emit(
+                d.t0,
+                end,
+                Body::Drop {
+                    media: d.media,
+                    count: d.count,
+                    reason: d.reason.to_string(),
+                },
+            );
+            if d.media == Media::Audio {
+                gaps.insert(d.reason, (d.t0, d.t1));
+            }
+        }
+        for (reason, (t0, t1)) in gaps {
+            feed.gap(t0, t1, &format!("audio dropped ({reason})"));
+        }
+    }
+    if let Some(s) = slots.first() {
+        s.src.feed.metrics.queue_bytes_total.set(total as i64);
+    }
+}
