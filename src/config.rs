@@ -224,8 +224,8 @@ impl Config {
         };
         let text =
             std::fs::read_to_string(path).map_err(|e| fail(vec![format!("cannot read: {e}")]))?;
-        let cfg = Self::parse(&text).map_err(fail)?;
-        let problems = cfg.validate();
+        let (cfg, mut problems) = Self::parse_collect(&text);
+        problems.extend(cfg.validate());
         if problems.is_empty() {
             Ok(cfg)
         } else {
@@ -235,9 +235,23 @@ impl Config {
 
     /// Parse TOML section by section so one bad section does not hide problems in the others.
     pub fn parse(text: &str) -> Result<Config, Vec<String>> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| vec![one_line(&e.to_string())])?;
+        let (cfg, problems) = Self::parse_collect(text);
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Parse what can be parsed; sections with problems keep their defaults.
+    fn parse_collect(text: &str) -> (Config, Vec<String>) {
+        let table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                return (Config::default(), vec![one_line(&e.to_string())]);
+            }
+        };
         let mut problems = Vec::new();
         let mut cfg = Config::default();
         for (key, value) in table {
@@ -276,11 +290,7 @@ impl Config {
                 });
             }
         }
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(problems)
-        }
+        (cfg, problems)
     }
 
     /// Semantic checks across the whole tree.

@@ -114,6 +114,9 @@ pub struct Summary {
     pub gaps: u64,
     pub reconnects: u64,
     pub keyframe_only: bool,
+    /// Highest total of queued bytes seen across all sources, and the budget it is held to.
+    pub queue_bytes_peak: u64,
+    pub queue_budget_bytes: u64,
     pub final_state: Option<SourceState>,
     pub wall_seconds: f64,
 }

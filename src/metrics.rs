@@ -72,7 +72,7 @@ impl Metrics {
         r.register(Box::new(queue_budget_bytes.clone()))
             .expect("unique metric");
         let queue_bytes_total =
-            IntGauge::new("queue_bytes_total", "Bytes queued across all queues")
+            IntGauge::new("queue_bytes_all_sources", "Bytes queued across all queues")
                 .expect("valid metric");
         r.register(Box::new(queue_bytes_total.clone()))
             .expect("unique metric");

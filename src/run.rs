@@ -286,6 +286,8 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
             gaps: s.gaps.load(Ordering::Relaxed),
             reconnects: s.reconnects.load(Ordering::Relaxed),
             keyframe_only: s.keyframe_only.load(Ordering::Relaxed),
+            queue_bytes_peak: budget.peak() as u64,
+            queue_budget_bytes: budget.limit() as u64,
             final_state: Some(*state),
             wall_seconds: (wall * 1000.0).round() / 1000.0,
         };

@@ -352,9 +352,11 @@ pub fn build(spec: &SourceSpec, session: &Arc<Session>) -> Result<gst::Pipeline,
         static_outputs.extend(element.src_pads().into_iter().filter(|p| !p.is_linked()));
     }
     // Static outputs (raw test sources, capture devices) are routed now.
-    for target in static_outputs {
-        let ghost =
-            gst::GhostPad::with_target(&target).map_err(|e| GraphError::Parse(e.to_string()))?;
+    for (i, target) in static_outputs.into_iter().enumerate() {
+        let ghost = gst::GhostPad::builder_with_target(&target)
+            .map_err(|e| GraphError::Parse(e.to_string()))?
+            .name(format!("out_{i}"))
+            .build();
         bin.add_pad(&ghost)
             .map_err(|e| GraphError::Parse(e.to_string()))?;
         route(ghost.upcast_ref(), &pipeline.clone().upcast(), session);

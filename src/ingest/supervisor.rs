@@ -117,7 +117,8 @@ impl Supervisor {
     /// Run until EOS, a fatal error, too many failed attempts, or stop. Returns the final state.
     pub fn run(self) -> SourceState {
         let epoch = Instant::now();
-        if let Some(path) = self.spec.audio_file_path() {
+        // A custom template means the user wants GStreamer for this file.
+        if let (Some(path), None) = (self.spec.audio_file_path(), &self.params.custom_template) {
             return self.run_audio_file(path.to_path_buf());
         }
         if let SourceKind::File(path) = &self.spec.kind {
@@ -262,14 +263,13 @@ impl Supervisor {
         let mut started = false;
         let outcome = if pipeline.set_state(gst::State::Playing).is_err() {
             // The reason is on the bus.
-            let msg = bus
+            bus
                 .timed_pop_filtered(gst::ClockTime::from_seconds(2), &[gst::MessageType::Error])
                 .map(|m| describe(&m, &self.spec))
                 .unwrap_or(Outcome::Error {
                     message: "cannot start graph".into(),
                     fatal: false,
-                });
-            msg
+                })
         } else {
             loop {
                 if self.stop.load(Ordering::Relaxed) {

@@ -1,0 +1,11 @@
+#![allow(clippy::unwrap_used)]
+
+//! Integration tests: one binary, a module per area. Media is made by the tests themselves
+//! (GStreamer test sources, x264, ffmpeg, espeak-ng).
+
+mod bad_input;
+mod common;
+mod config_files;
+mod files;
+mod live;
+mod rtsp;
