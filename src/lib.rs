@@ -10,6 +10,7 @@ pub mod event;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod progress;
 pub mod queue;
 pub mod run;
 pub mod signal;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, SourceConfig};
 use crate::event::{Body, SourceState, Summary};
 use crate::http;
+use crate::progress;
 use crate::ingest::graph::GraphParams;
 use crate::ingest::supervisor::{StateBoard, Supervisor};
 use crate::ingest::{Feed, AUDIO_RATE};
@@ -251,6 +252,7 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
         handles.push((p.spec, h));
         feeds.push(feed);
     }
+    let progress = progress::Progress::start(&feeds, &cfg.sources);
     // Wait for all sources; a stop request makes each supervisor return promptly.
     let mut states = Vec::new();
     let mut stop_seen_at: Option<Instant> = None;
@@ -270,6 +272,7 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
         .then(|| Instant::now() + Duration::from_secs_f64(cfg.run.drain_seconds));
     let _ = ctl_tx.send(Control::Finish { deadline });
     let _ = worker_thread.join();
+    drop(progress);
     let wall = started.elapsed().as_secs_f64();
     let mut failures = Vec::new();
     for (feed, (name, state)) in feeds.iter().zip(&states) {

@@ -182,6 +182,9 @@ pub fn run(
     let rate = params
         .sample_rate
         .ok_or_else(|| AudioFileError::Format("no sample rate".into()))?;
+    if let Some(frames) = params.n_frames {
+        feed.set_duration(frames as f64 / f64::from(rate));
+    }
     let mut resampler = MonoResampler::new(rate)?;
     let mut chunker = Chunker::new(chunk_seconds);
     let started = Instant::now();

@@ -157,7 +157,6 @@ pub struct KeyframeGate {
     key_only: bool,
     fell_back: bool,
     last_key: Option<f64>,
-    good_gaps: u32,
 }
 
 /// Slack on the keyframe interval: encoders place keyframes on frame boundaries.
@@ -171,7 +170,6 @@ impl KeyframeGate {
             key_only: false,
             fell_back: false,
             last_key: None,
-            good_gaps: 0,
         }
     }
 
@@ -190,17 +188,15 @@ impl KeyframeGate {
         if let (Some(t), Some(last)) = (t, self.last_key) {
             let gap = t - last;
             if gap > self.interval + KEY_SLACK {
-                self.good_gaps = 0;
                 if self.key_only {
                     // Switching back at a keyframe keeps every later delta frame decodable.
                     self.key_only = false;
                     self.fell_back = true;
                 }
             } else if gap > 0.0 && !self.key_only && !self.fell_back {
-                self.good_gaps += 1;
-                if self.good_gaps >= 2 {
-                    self.key_only = true;
-                }
+                // One measured interval decides: each GOP decoded in full while waiting costs
+                // about a third of a minute of keyframe-only decoding.
+                self.key_only = true;
             }
         }
         if t.is_some() {
@@ -777,8 +773,8 @@ mod tests {
             }
         }
         assert!(g.key_only());
-        // Full decode for the first two GOPs, then one frame per second.
-        assert_eq!(passed, 60 + 8);
+        // Full decode for the first GOP, then one frame per second.
+        assert_eq!(passed, 30 + 9);
         // A 2 s GOP at 1 fps: never key-only.
         let mut g = KeyframeGate::new(true, 1.0);
         for i in 0..600 {

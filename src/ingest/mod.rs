@@ -91,6 +91,8 @@ pub struct Feed {
     last_activity_ms: AtomicU64,
     /// End of the last media seen, in media seconds (f64 bits), for gap reports.
     last_media_end: AtomicU64,
+    /// Media duration when known (files), f64 bits, NaN when unknown: for progress.
+    duration: AtomicU64,
     created: Instant,
 }
 
@@ -113,6 +115,7 @@ impl Feed {
             pending: Mutex::new(Vec::new()),
             last_activity_ms: AtomicU64::new(0),
             last_media_end: AtomicU64::new(f64::NAN.to_bits()),
+            duration: AtomicU64::new(f64::NAN.to_bits()),
             created: Instant::now(),
         })
     }
@@ -142,6 +145,15 @@ impl Feed {
     pub fn last_media_end(&self) -> Option<f64> {
         let v = f64::from_bits(self.last_media_end.load(Ordering::Relaxed));
         (!v.is_nan()).then_some(v)
+    }
+
+    pub fn set_duration(&self, seconds: f64) {
+        self.duration.store(seconds.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn duration(&self) -> Option<f64> {
+        let v = f64::from_bits(self.duration.load(Ordering::Relaxed));
+        (v.is_finite() && v > 0.0).then_some(v)
     }
 
     /// Report a gap in the media timeline now.

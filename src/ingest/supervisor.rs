@@ -284,6 +284,9 @@ impl Supervisor {
                             self.feed.gap(from, t0, "outage");
                         }
                         self.set_state(SourceState::Running, None, None, None);
+                        if let Some(d) = pipeline.query_duration::<gst::ClockTime>() {
+                            self.feed.set_duration(d.nseconds() as f64 / 1e9);
+                        }
                     }
                 }
                 if let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) {
