@@ -188,11 +188,11 @@ impl KeyframeGate {
         if let (Some(t), Some(last)) = (t, self.last_key) {
             let gap = t - last;
             if gap > self.interval + KEY_SLACK {
-                if self.key_only {
-                    // Switching back at a keyframe keeps every later delta frame decodable.
-                    self.key_only = false;
-                    self.fell_back = true;
-                }
+                // Once a long GOP is seen, decode everything from here on: scene-cut keyframes
+                // can make a single short interval look like a fast GOP. Switching back at a
+                // keyframe keeps every later delta frame decodable.
+                self.key_only = false;
+                self.fell_back = true;
             } else if gap > 0.0 && !self.key_only && !self.fell_back {
                 // One measured interval decides: each GOP decoded in full while waiting costs
                 // about a third of a minute of keyframe-only decoding.
@@ -775,10 +775,10 @@ mod tests {
         assert!(g.key_only());
         // Full decode for the first GOP, then one frame per second.
         assert_eq!(passed, 30 + 9);
-        // A 2 s GOP at 1 fps: never key-only.
+        // A 2 s GOP at 1 fps: never key-only, even after a scene-cut keyframe.
         let mut g = KeyframeGate::new(true, 1.0);
         for i in 0..600 {
-            g.pass(Some(f64::from(i) / 30.0), i % 60 != 0);
+            g.pass(Some(f64::from(i) / 30.0), i % 60 != 0 && i != 75);
         }
         assert!(!g.key_only());
         // Disabled by config.
