@@ -21,7 +21,12 @@ fn children_cpu() -> f64 {
 /// CPU seconds (user + system) of one command run to completion.
 fn cpu_of(cmd: &mut Command) -> f64 {
     let before = children_cpu();
-    let status = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().expect("spawn");
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("spawn");
     assert!(status.success(), "{cmd:?} failed");
     children_cpu() - before
 }
@@ -35,22 +40,44 @@ fn percept_bin() -> PathBuf {
     // target/<profile>/deps/ingest-xxxx -> target/<profile>/percept
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("percept");
-    assert!(bin.exists(), "build the binary first: cargo build --release ({})", bin.display());
+    assert!(
+        bin.exists(),
+        "build the binary first: cargo build --release ({})",
+        bin.display()
+    );
     bin
 }
 
 fn main() {
-    let repeat: usize = std::env::var("PERCEPT_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let overload_secs: u64 =
-        std::env::var("PERCEPT_BENCH_OVERLOAD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
+    let repeat: usize = std::env::var("PERCEPT_BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let overload_secs: u64 = std::env::var("PERCEPT_BENCH_OVERLOAD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
     let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-media");
     std::fs::create_dir_all(&work).expect("bench dir");
     let clip = work.join("1080p30-gop30-60s.mp4");
     if !clip.exists() {
         println!("making {} (once)...", clip.display());
         let ok = Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=1920x1080:rate=30", "-t", "60"])
-            .args(["-c:v", "libx264", "-preset", "veryfast", "-g", "30", "-pix_fmt", "yuv420p"])
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc2=size=1920x1080:rate=30",
+                "-t",
+                "60",
+            ])
+            .args([
+                "-c:v", "libx264", "-preset", "veryfast", "-g", "30", "-pix_fmt", "yuv420p",
+            ])
             .arg(&clip)
             .status()
             .expect("ffmpeg");
@@ -62,7 +89,14 @@ fn main() {
     let clip_s = clip.to_str().expect("utf-8 path");
     let percept = |cfg: Option<&Path>| {
         let mut c = Command::new(&bin);
-        c.args(["run", "--no-http", "--events", "/dev/null", "--source", clip_s]);
+        c.args([
+            "run",
+            "--no-http",
+            "--events",
+            "/dev/null",
+            "--source",
+            clip_s,
+        ]);
         if let Some(cfg) = cfg {
             c.arg("--config").arg(cfg);
         }
@@ -77,7 +111,9 @@ fn main() {
         c.args(["-i", clip_s, "-vf", "fps=1", "-f", "null", "-"]);
         c
     };
-    println!("ingest CPU seconds per minute of 1080p30 H.264 (GOP 1 s) at 1 fps, min of {repeat} runs:");
+    println!(
+        "ingest CPU seconds per minute of 1080p30 H.264 (GOP 1 s) at 1 fps, min of {repeat} runs:"
+    );
     let p_key = min_of(repeat, || cpu_of(&mut percept(None)));
     let f_key = min_of(repeat, || cpu_of(&mut ffmpeg(true)));
     let p_full = min_of(repeat, || cpu_of(&mut percept(Some(&full_cfg))));
@@ -85,14 +121,33 @@ fn main() {
     // What percept also does per sampled frame: scale to 768 wide and convert to RGB.
     let f_key_scaled = min_of(repeat, || {
         let mut c = Command::new("ffmpeg");
-        c.args(["-hide_banner", "-loglevel", "error", "-skip_frame", "nokey", "-i", clip_s])
-            .args(["-vf", "fps=1,scale=768:432", "-pix_fmt", "rgb24", "-f", "null", "-"]);
+        c.args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-skip_frame",
+            "nokey",
+            "-i",
+            clip_s,
+        ])
+        .args([
+            "-vf",
+            "fps=1,scale=768:432",
+            "-pix_fmt",
+            "rgb24",
+            "-f",
+            "null",
+            "-",
+        ]);
         cpu_of(&mut c)
     });
     println!("  keyframe-only  percept {p_key:7.2} s   ffmpeg -skip_frame nokey {f_key:7.2} s   ratio {:.2} (target <= 1.3)", p_key / f_key);
     println!("  full decode    percept {p_full:7.2} s   ffmpeg                   {f_full:7.2} s   ratio {:.2} (target <= 1.1)", p_full / f_full);
     println!("  keyframe-only  vs ffmpeg that also scales to 768x432 RGB {f_key_scaled:7.2} s   ratio {:.2}", p_key / f_key_scaled);
-    println!("  keyframe-only saves {:.1}x over full decode in percept", p_full / p_key);
+    println!(
+        "  keyframe-only saves {:.1}x over full decode in percept",
+        p_full / p_key
+    );
 
     if overload_secs == 0 {
         return;
@@ -106,7 +161,13 @@ fn main() {
     .expect("write config");
     let events = work.join("overload.jsonl");
     let mut child = Command::new(&bin)
-        .args(["run", "--config", cfg.to_str().expect("utf-8"), "--events", events.to_str().expect("utf-8")])
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "--events",
+            events.to_str().expect("utf-8"),
+        ])
         .args(["--source", "cam=test:?width=1920&height=1080&fps=30"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -117,7 +178,8 @@ fn main() {
     let mut samples = Vec::new();
     while start.elapsed() < Duration::from_secs(overload_secs) {
         std::thread::sleep(Duration::from_secs(1));
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
         if let Some(kb) = status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -127,12 +189,20 @@ fn main() {
             samples.push((start.elapsed().as_secs_f64(), kb / 1024.0));
         }
     }
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
-    let warm: Vec<f64> = samples.iter().filter(|(t, _)| *t >= 30.0).map(|(_, m)| *m).collect();
+    let warm: Vec<f64> = samples
+        .iter()
+        .filter(|(t, _)| *t >= 30.0)
+        .map(|(_, m)| *m)
+        .collect();
     let all: Vec<f64> = samples.iter().map(|(_, m)| *m).collect();
     let max = all.iter().cloned().fold(0.0, f64::max);
-    let (wmin, wmax) = warm.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &m| (a.min(m), b.max(m)));
+    let (wmin, wmax) = warm
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(a, b), &m| (a.min(m), b.max(m)));
     println!("  peak RSS {max:.1} MiB; after the first 30 s RSS stays within {wmin:.1}..{wmax:.1} MiB (spread {:.1} MiB, target <= 20)", wmax - wmin);
     let text = std::fs::read_to_string(&events).unwrap_or_default();
     if let Some(summary) = text.lines().rev().find(|l| l.contains("\"summary\"")) {

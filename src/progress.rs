@@ -25,7 +25,12 @@ impl Progress {
         let files: Vec<Arc<Feed>> = feeds
             .iter()
             .zip(sources)
-            .filter(|(_, s)| matches!(source::parse(&s.uri).map(|p| p.kind), Ok(SourceKind::File(_))))
+            .filter(|(_, s)| {
+                matches!(
+                    source::parse(&s.uri).map(|p| p.kind),
+                    Ok(SourceKind::File(_))
+                )
+            })
             .map(|(f, _)| f.clone())
             .collect();
         if files.is_empty() {
@@ -64,7 +69,10 @@ impl Progress {
                 bar.finish_and_clear();
             }
         });
-        Some(Progress { done, thread: Some(thread) })
+        Some(Progress {
+            done,
+            thread: Some(thread),
+        })
     }
 }
 

@@ -168,7 +168,8 @@ impl Supervisor {
                     self.set_state(SourceState::Eos, Some("stopped".into()), None, None);
                     return SourceState::Eos;
                 }
-                Outcome::Eos if !retries => {
+                // A camera may send EOS when it reboots; an HTTP file or playlist that ends is done.
+                Outcome::Eos if !retries || matches!(self.spec.kind, SourceKind::Http { .. }) => {
                     if !session.has_video() && !session.has_audio() {
                         let msg = "no audio or video stream found".to_string();
                         self.error(&msg);
@@ -263,8 +264,7 @@ impl Supervisor {
         let mut started = false;
         let outcome = if pipeline.set_state(gst::State::Playing).is_err() {
             // The reason is on the bus.
-            bus
-                .timed_pop_filtered(gst::ClockTime::from_seconds(2), &[gst::MessageType::Error])
+            bus.timed_pop_filtered(gst::ClockTime::from_seconds(2), &[gst::MessageType::Error])
                 .map(|m| describe(&m, &self.spec))
                 .unwrap_or(Outcome::Error {
                     message: "cannot start graph".into(),

@@ -195,3 +195,59 @@ fn symphonia_and_gstreamer_give_the_same_sample_count() {
         );
     }
 }
+
+/// HTTP and HLS: a playlist with segments served over loopback.
+#[test]
+fn hls_over_http_plays_to_the_end() {
+    let d = tmpdir("hls");
+    ffmpeg(&format!(
+        "-f lavfi -i testsrc2=size=320x180:rate=30 -f lavfi -i sine=frequency=300:sample_rate=48000 -t 8 \
+         -c:v libx264 -preset ultrafast -g 30 -c:a aac -f hls -hls_time 2 -hls_playlist_type vod {}",
+        d.join("index.m3u8").display()
+    ));
+    let mp4 = d.join("clip.mp4");
+    ffmpeg(&format!(
+        "-f lavfi -i testsrc2=size=320x180:rate=30 -t 5 -c:v libx264 -preset ultrafast -g 30 -movflags +faststart {}",
+        mp4.display()
+    ));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let mut server = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&d)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed().as_secs() < 20, "http server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (out, events) = run_percept(
+        &d,
+        &[
+            "--source",
+            &format!("hls=http://127.0.0.1:{port}/index.m3u8"),
+            "--source",
+            &format!("web=http://127.0.0.1:{port}/clip.mp4"),
+        ],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(summary(&events, "hls")["final_state"], "eos");
+    let frames = of_kind(&events, "hls", "frame").len();
+    assert!((7..=9).contains(&frames), "{frames} frames from 8 s of HLS");
+    assert!(!of_kind(&events, "hls", "audio").is_empty());
+    assert_frame_accounting(&events, "hls");
+    check_av(&events, "web", 5.0);
+}
