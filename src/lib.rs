@@ -1,1 +1,2 @@
 //! percept: offline, real-time media analysis.
+pub mod model;
