@@ -383,12 +383,15 @@ impl TextConfig {
             let kv = if i < first_shared {
                 KvSource::Own
             } else {
-                let src = (0..first_shared).rev().find(|&j| types[j] == lt).ok_or_else(|| {
-                    ConfigError::Invalid(format!(
+                let src = (0..first_shared)
+                    .rev()
+                    .find(|&j| types[j] == lt)
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!(
                         "layer {i} ({}) shares K/V but no earlier layer of that type owns a cache",
                         lt.as_str()
                     ))
-                })?;
+                    })?;
                 KvSource::Shared(src)
             };
             let shared = matches!(kv, KvSource::Shared(_));
@@ -686,6 +689,7 @@ impl Gemma4Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -141,7 +141,9 @@ impl Linear {
         let (out_dim, in_dim) = weight.dims2()?;
         let inner = match quant.ggml() {
             Some(g) if in_dim % g.block_size() == 0 => {
-                let q = QTensor::quantize(&weight.to_dtype(DType::F32)?, g)?;
+                // `QTensor::quantize` reads the whole backing storage and ignores the layout,
+                // so hand it a tensor that owns exactly its elements.
+                let q = QTensor::quantize(&owned_f32(&weight)?, g)?;
                 QMatMul::QTensor(std::sync::Arc::new(q))
             }
             // Rows that do not fill whole blocks stay dense (tiny test shapes).
@@ -176,7 +178,9 @@ impl Linear {
     pub fn size_in_bytes(&self) -> usize {
         match &self.inner {
             QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
         }
     }
 }
@@ -253,7 +257,10 @@ impl Embedding {
                     let n = EMBED_QUANT_CHUNK_ROWS.min(rows - start);
                     let part = w.get_rows_f32(name, start, n)?;
                     let q = QTensor::quantize(&part, g).map_err(|e| {
-                        LoadError::candle(format!("quantizing {name} rows {start}..{}", start + n), e)
+                        LoadError::candle(
+                            format!("quantizing {name} rows {start}..{}", start + n),
+                            e,
+                        )
                     })?;
                     chunks.push(std::sync::Arc::new(q));
                     start += n;
@@ -265,7 +272,11 @@ impl Embedding {
                     dim,
                 })
             }
-            _ => Ok(Embedding::Dense(w.get_dtype(name, &[rows, dim], dense_dtype)?)),
+            _ => Ok(Embedding::Dense(w.get_dtype(
+                name,
+                &[rows, dim],
+                dense_dtype,
+            )?)),
         }
     }
 
@@ -334,6 +345,12 @@ impl Embedding {
     }
 }
 
+/// An f32 tensor with storage of its own, exactly `elem_count` long: `QTensor::quantize`
+/// reads the backing storage and ignores narrowing (`copy()` clones the whole storage too).
+pub fn owned_f32(t: &Tensor) -> CResult<Tensor> {
+    t.to_dtype(DType::F32)?.affine(1.0, 0.0)
+}
+
 /// `gelu_pytorch_tanh`.
 pub fn gelu_tanh(x: &Tensor) -> CResult<Tensor> {
     x.gelu()
@@ -354,6 +371,7 @@ pub fn round_through(value: f64, dtype: DType) -> CResult<f64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -369,5 +387,69 @@ mod tests {
         }
         let y = RmsNorm::without_scale(0.0).forward(&x).unwrap();
         assert!((y.to_vec2::<f32>().unwrap()[0][3] - 4.0 / rms).abs() < 1e-5);
+    }
+
+    #[test]
+    fn quantized_linear_and_embedding_track_f32() {
+        let w = Tensor::randn(0f32, 1.0, (64, 256), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
+        let f = Linear::from_tensor(w.clone(), Quant::F32)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        for (q, tol) in [(Quant::Q8_0, 0.02), (Quant::Q4K, 0.15)] {
+            let y = Linear::from_tensor(w.clone(), q)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            let err = (&y - &f)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            let norm = f
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            assert!(err / norm < tol, "{q:?}: relative rms error {}", err / norm);
+        }
+        let table = Tensor::randn(0f32, 1.0, (20, 64), &Device::Cpu).unwrap();
+        let q = candle_core::quantized::QTensor::quantize(
+            &table.narrow(0, 0, 16).unwrap().affine(1.0, 0.0).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let q2 = candle_core::quantized::QTensor::quantize(
+            &table.narrow(0, 16, 4).unwrap().affine(1.0, 0.0).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let e = Embedding::Chunked {
+            chunks: vec![std::sync::Arc::new(q), std::sync::Arc::new(q2)],
+            rows_per_chunk: 16,
+            rows: 20,
+            dim: 64,
+        };
+        let got = e.lookup(&[3, 17], &Device::Cpu, DType::F32).unwrap();
+        let want = table
+            .index_select(&Tensor::new(&[3u32, 17], &Device::Cpu).unwrap(), 0)
+            .unwrap();
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 0.05, "chunked lookup off by {d}");
     }
 }

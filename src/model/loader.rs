@@ -90,7 +90,10 @@ impl ModelFiles {
         }
         let config = dir.join("config.json");
         if !config.is_file() {
-            return Err(LoadError::NotFound(format!("{} has no config.json", dir.display())));
+            return Err(LoadError::NotFound(format!(
+                "{} has no config.json",
+                dir.display()
+            )));
         }
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
@@ -289,7 +292,11 @@ mod hub {
             let files: BTreeSet<String> = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|f| f.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             for f in files {
                 r.get(&f).map_err(|e| err(e.to_string()))?;
@@ -336,7 +343,10 @@ impl Weights {
         for p in paths {
             refuse_pickle(p)?;
             if !p.is_file() {
-                return Err(LoadError::NotFound(format!("{} does not exist", p.display())));
+                return Err(LoadError::NotFound(format!(
+                    "{} does not exist",
+                    p.display()
+                )));
             }
         }
         // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on
@@ -412,7 +422,12 @@ impl Weights {
     }
 
     /// Loads `name` with the given shape, converted to `dtype`.
-    pub fn get_dtype(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor, LoadError> {
+    pub fn get_dtype(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor, LoadError> {
         self.check_shape(name, shape)?;
         let full = self.full(name);
         let t = self
