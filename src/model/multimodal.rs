@@ -121,3 +121,18 @@ pub fn embed_prompt(
         block_ids,
     })
 }
+
+/// Turns media files into soft tokens `[n_tokens, text_hidden]` (after the multimodal
+/// embedder). Implemented over the vision/audio towers; the CLI and the worker take one.
+pub trait MediaEncoder {
+    fn encode_image(
+        &self,
+        model: &super::Gemma4,
+        path: &std::path::Path,
+    ) -> Result<Tensor, ModelError>;
+    fn encode_audio(
+        &self,
+        model: &super::Gemma4,
+        path: &std::path::Path,
+    ) -> Result<Tensor, ModelError>;
+}
