@@ -443,7 +443,14 @@ fn chat_template_renders_the_gemma4_prompt() {
 
 #[test]
 fn q8_0_weights_stay_close_to_f32() {
-    let dir = tiny("q8", &TinySpec::default());
+    // PLE width 16: 6 layers x 16 = 96 columns, so the PLE table is quantized in row chunks.
+    let dir = tiny(
+        "q8",
+        &TinySpec {
+            ple_dim: 16,
+            ..TinySpec::default()
+        },
+    );
     let ids = prompt(7);
     let f = all_logits(&load(&dir).text, &ids);
     let q = Gemma4::load_dir(
@@ -476,4 +483,43 @@ fn q8_0_weights_stay_close_to_f32() {
     let lb = all_logits(&bf.text, &ids);
     let scale = f[6].iter().fold(0f32, |m, x| m.max(x.abs()));
     assert!(max_diff(&f[6], &lb[6]) < 0.2 * scale);
+}
+
+#[test]
+fn q4k_loads_and_generates() {
+    // Q4K needs rows of 256: hidden 256 and a PLE table of 6 x 128 columns.
+    let spec = TinySpec {
+        hidden: 256,
+        intermediate: 256,
+        ple_dim: 128,
+        ..TinySpec::default()
+    };
+    let dir = tiny("q4k", &spec);
+    let f = load(&dir);
+    let q = Gemma4::load_dir(
+        &dir,
+        &LoadOptions {
+            quant: Quant::Q4K,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(q.text.weight_bytes() * 4 < f.text.weight_bytes());
+    let ids = prompt(6);
+    let (lf, lq) = (all_logits(&f.text, &ids), all_logits(&q.text, &ids));
+    assert!(lq.iter().flatten().all(|x| x.is_finite()));
+    let scale = lf[5].iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(max_diff(&lf[5], &lq[5]) < 0.5 * scale);
+    let r = Request {
+        input_ids: ids,
+        soft: SoftTokens::default(),
+        max_new_tokens: 3,
+        sampling: Sampling::default(),
+    };
+    assert_eq!(
+        q.generate(&[r], 4, &mut |_, _| {}).unwrap()[0]
+            .output_ids
+            .len(),
+        3
+    );
 }

@@ -227,6 +227,8 @@ impl Module for Linear {
 #[derive(Debug, Clone)]
 pub enum Embedding {
     Dense(Tensor),
+    /// One quantized matrix (the token table, shared with the tied lm_head).
+    Quantized(std::sync::Arc<QTensor>),
     Chunked {
         chunks: Vec<std::sync::Arc<QTensor>>,
         rows_per_chunk: usize,
@@ -280,9 +282,54 @@ impl Embedding {
         }
     }
 
+    /// Loads a table as one quantized matrix, quantizing `EMBED_QUANT_CHUNK_ROWS` rows at a
+    /// time so only one chunk is ever held in f32; falls back to dense when rows do not fill
+    /// whole blocks.
+    pub fn load_single(
+        w: &Weights,
+        name: &str,
+        rows: usize,
+        dim: usize,
+        quant: Quant,
+        dense_dtype: DType,
+    ) -> Result<Self, LoadError> {
+        let Some(g) = quant.ggml().filter(|g| dim % g.block_size() == 0) else {
+            return Ok(Embedding::Dense(w.get_dtype(
+                name,
+                &[rows, dim],
+                dense_dtype,
+            )?));
+        };
+        w.check_shape(name, &[rows, dim])?;
+        let row_bytes = dim / g.block_size() * g.type_size();
+        let mut bytes: Vec<u8> = Vec::with_capacity(rows * row_bytes);
+        let mut start = 0;
+        while start < rows {
+            let n = EMBED_QUANT_CHUNK_ROWS.min(rows - start);
+            let part = w.get_rows_f32(name, start, n)?;
+            let q = QTensor::quantize(&part, g).map_err(|e| {
+                LoadError::candle(format!("quantizing {name} rows {start}..{}", start + n), e)
+            })?;
+            let data = q
+                .data()
+                .map_err(|e| LoadError::candle(format!("reading quantized {name}"), e))?;
+            bytes.extend_from_slice(&data);
+            start += n;
+        }
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            g,
+            &bytes,
+            vec![rows, dim],
+            w.device(),
+        )
+        .map_err(|e| LoadError::candle(format!("assembling quantized {name}"), e))?;
+        Ok(Embedding::Quantized(std::sync::Arc::new(q)))
+    }
+
     pub fn dim(&self) -> usize {
         match self {
             Embedding::Dense(t) => t.dims()[1],
+            Embedding::Quantized(q) => q.shape().dims()[1],
             Embedding::Chunked { dim, .. } => *dim,
         }
     }
@@ -290,6 +337,7 @@ impl Embedding {
     pub fn rows(&self) -> usize {
         match self {
             Embedding::Dense(t) => t.dims()[0],
+            Embedding::Quantized(q) => q.shape().dims()[0],
             Embedding::Chunked { rows, .. } => *rows,
         }
     }
@@ -298,6 +346,7 @@ impl Embedding {
     pub fn size_in_bytes(&self) -> usize {
         match self {
             Embedding::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
             Embedding::Chunked { chunks, .. } => {
                 chunks.iter().map(|c| c.storage_size_in_bytes()).sum()
             }
@@ -311,6 +360,10 @@ impl Embedding {
             Embedding::Dense(t) => {
                 let idx = Tensor::from_slice(ids, n, t.device())?;
                 t.index_select(&idx, 0)?.to_dtype(dtype)?.to_device(device)
+            }
+            Embedding::Quantized(q) => {
+                let idx = Tensor::from_slice(ids, n, device)?;
+                q.embedding(&idx)?.to_dtype(dtype)
             }
             Embedding::Chunked {
                 chunks,
@@ -340,7 +393,7 @@ impl Embedding {
     pub fn dense(&self) -> Option<&Tensor> {
         match self {
             Embedding::Dense(t) => Some(t),
-            Embedding::Chunked { .. } => None,
+            Embedding::Quantized(_) | Embedding::Chunked { .. } => None,
         }
     }
 }

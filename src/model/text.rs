@@ -286,7 +286,8 @@ impl TextModel {
             Quant::F32 | Quant::Q8_0 | Quant::Q4K => opts.dtype,
             _ => q.dense_dtype(),
         };
-        let embed = Embedding::load(&root, "embed_tokens.weight", cfg.vocab_size, h, q, dense_dt)?;
+        let embed =
+            Embedding::load_single(&root, "embed_tokens.weight", cfg.vocab_size, h, q, dense_dt)?;
         // The reference multiplies by a scale buffer cast to the weight dtype.
         let table_dt = root
             .shape_of("embed_tokens.weight")
@@ -295,15 +296,15 @@ impl TextModel {
             .unwrap_or(DType::F32);
         let embed_scale = round_through((h as f64).sqrt(), table_dt)
             .map_err(|e| LoadError::candle("embed scale", e))?;
-        let lm_head = match (&embed, q.ggml()) {
-            (Embedding::Dense(t), _) => Linear::from_tensor(t.clone(), q)
-                .map_err(|e| LoadError::candle("tied lm_head", e))?,
-            (Embedding::Chunked { .. }, _) => {
-                // The quantized table is stored in row chunks for lookups; the head needs one
-                // matrix, so quantize it again from the mapped weights (tied in the checkpoint).
-                Linear::load(&root, "embed_tokens", cfg.vocab_size, h, q)?
-            }
-        };
+        // Tied head: the same storage serves lookups and the output projection.
+        let lm_head = match &embed {
+            Embedding::Dense(t) => Linear::from_tensor(t.clone(), q),
+            Embedding::Quantized(qt) => Linear::from_qtensor(qt.clone()),
+            Embedding::Chunked { .. } => Err(candle_core::Error::Msg(
+                "token table must be one matrix".into(),
+            )),
+        }
+        .map_err(|e| LoadError::candle("tied lm_head", e))?;
         if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
             // Untied heads are not used by any Gemma 4 checkpoint; refuse rather than guess.
             return Err(LoadError::Config(super::config::ConfigError::Unsupported(
@@ -466,8 +467,8 @@ impl TextModel {
 
     fn lm_head_extra_bytes(&self) -> usize {
         match self.embed {
-            // Dense tables share storage with the head.
-            Embedding::Dense(_) => 0,
+            // Dense and single quantized tables share storage with the head.
+            Embedding::Dense(_) | Embedding::Quantized(_) => 0,
             Embedding::Chunked { .. } => self.lm_head.size_in_bytes(),
         }
     }
