@@ -15,12 +15,22 @@ enum Cmd {
     /// Inspect or run a Gemma 4 checkpoint.
     #[command(subcommand)]
     Model(percept::model::cli::ModelCmd),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Gemma 4 decoder at real shapes with random weights.
+    Model(percept::model::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Some(Cmd::Model(m)) => percept::model::cli::run(m, None),
+        Some(Cmd::Bench(BenchCmd::Model(b))) => percept::model::bench::run(&b),
         None => {
             println!("percept");
             Ok(())

@@ -257,7 +257,7 @@ impl Embedding {
                 let mut start = 0;
                 while start < rows {
                     let n = EMBED_QUANT_CHUNK_ROWS.min(rows - start);
-                    let part = w.get_rows_f32(name, start, n)?;
+                    let part = w.get_rows_f32(name, start, n, dim)?;
                     let q = QTensor::quantize(&part, g).map_err(|e| {
                         LoadError::candle(
                             format!("quantizing {name} rows {start}..{}", start + n),
@@ -306,7 +306,7 @@ impl Embedding {
         let mut start = 0;
         while start < rows {
             let n = EMBED_QUANT_CHUNK_ROWS.min(rows - start);
-            let part = w.get_rows_f32(name, start, n)?;
+            let part = w.get_rows_f32(name, start, n, dim)?;
             let q = QTensor::quantize(&part, g).map_err(|e| {
                 LoadError::candle(format!("quantizing {name} rows {start}..{}", start + n), e)
             })?;

@@ -317,12 +317,33 @@ mod hub {
     }
 }
 
+#[derive(Clone)]
+enum Backend {
+    Mmap(Arc<MmapedSafetensors>),
+    /// Seeded random tensors of whatever shape is asked (benchmarks at real shapes without
+    /// any checkpoint on disk).
+    Random(u64),
+}
+
+/// Deterministic pseudo-random f32 data: uniform in `[-a, a]` around `center`.
+fn random_data(seed: u64, n: usize, a: f64, center: f32) -> Vec<f32> {
+    let mut rng = super::testing::SplitMix64(seed);
+    (0..n).map(|_| center + rng.uniform(a)).collect()
+}
+
+fn name_hash(s: &str) -> u64 {
+    // FNV-1a: stable across runs (std's hasher is randomly keyed).
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// Memory-mapped safetensors with typed, name- and shape-checked access.
 ///
 /// `prefix` is prepended to every name (see [`Weights::pp`]).
 #[derive(Clone)]
 pub struct Weights {
-    st: Arc<MmapedSafetensors>,
+    backend: Backend,
     prefix: String,
     device: Device,
     dtype: DType,
@@ -355,7 +376,7 @@ impl Weights {
         let st = unsafe { MmapedSafetensors::multi(paths) }
             .map_err(|e| LoadError::candle("mapping safetensors", e))?;
         Ok(Self {
-            st: Arc::new(st),
+            backend: Backend::Mmap(Arc::new(st)),
             prefix: String::new(),
             device: device.clone(),
             dtype,
@@ -389,15 +410,37 @@ impl Weights {
         }
     }
 
+    /// Random weights of any requested shape (see [`Backend::Random`]): every name exists.
+    pub fn random(seed: u64, device: &Device, dtype: DType) -> Self {
+        Self {
+            backend: Backend::Random(seed),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+        }
+    }
+
+    fn mmap(&self, name: &str) -> Result<&MmapedSafetensors, LoadError> {
+        match &self.backend {
+            Backend::Mmap(st) => Ok(st),
+            Backend::Random(_) => Err(LoadError::NotFound(format!(
+                "{name}: random weights have no stored shape"
+            ))),
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
-        self.st.get(&self.full(name)).is_ok()
+        match &self.backend {
+            Backend::Mmap(st) => st.get(&self.full(name)).is_ok(),
+            Backend::Random(_) => true,
+        }
     }
 
     /// Shape of a stored tensor.
     pub fn shape_of(&self, name: &str) -> Result<Vec<usize>, LoadError> {
         let full = self.full(name);
         let view = self
-            .st
+            .mmap(&full)?
             .get(&full)
             .map_err(|_| LoadError::MissingTensor { name: full.clone() })?;
         Ok(view.shape().to_vec())
@@ -405,6 +448,9 @@ impl Weights {
 
     /// Errors unless `name` exists with exactly `shape`.
     pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<(), LoadError> {
+        if let Backend::Random(_) = self.backend {
+            return Ok(());
+        }
         let actual = self.shape_of(name)?;
         if actual != shape {
             return Err(LoadError::ShapeMismatch {
@@ -430,10 +476,22 @@ impl Weights {
     ) -> Result<Tensor, LoadError> {
         self.check_shape(name, shape)?;
         let full = self.full(name);
-        let t = self
-            .st
-            .load(&full, &self.device)
-            .map_err(|e| LoadError::candle(format!("loading {full}"), e))?;
+        let t = match &self.backend {
+            Backend::Mmap(st) => st.load(&full, &self.device),
+            Backend::Random(seed) => {
+                let n = shape.iter().product();
+                let data = match shape {
+                    // Norm weights and scalars: near 1.
+                    [_] => random_data(seed ^ name_hash(&full), n, 0.1, 1.0),
+                    _ => {
+                        let fan_in = *shape.last().unwrap_or(&1) as f64;
+                        random_data(seed ^ name_hash(&full), n, fan_in.powf(-0.5), 0.0)
+                    }
+                };
+                Tensor::from_vec(data, shape, &self.device)
+            }
+        }
+        .map_err(|e| LoadError::candle(format!("loading {full}"), e))?;
         t.to_dtype(dtype)
             .map_err(|e| LoadError::candle(format!("converting {full}"), e))
     }
@@ -454,17 +512,28 @@ impl Weights {
 
     /// Loads rows `start..start+n` of a 2D tensor as f32, touching only those bytes of the
     /// mapping (quantizing big tables chunk by chunk).
-    pub fn get_rows_f32(&self, name: &str, start: usize, n: usize) -> Result<Tensor, LoadError> {
+    pub fn get_rows_f32(
+        &self,
+        name: &str,
+        start: usize,
+        n: usize,
+        dim: usize,
+    ) -> Result<Tensor, LoadError> {
         let full = self.full(name);
+        if let Backend::Random(seed) = self.backend {
+            let data = random_data(seed ^ name_hash(&full) ^ start as u64, n * dim, 0.5, 0.0);
+            return Tensor::from_vec(data, (n, dim), &self.device)
+                .map_err(|e| LoadError::candle(format!("loading {full}"), e));
+        }
         let view = self
-            .st
+            .mmap(&full)?
             .get(&full)
             .map_err(|_| LoadError::MissingTensor { name: full.clone() })?;
         let shape = view.shape().to_vec();
-        if shape.len() != 2 || start + n > shape[0] {
+        if shape.len() != 2 || start + n > shape[0] || shape[1] != dim {
             return Err(LoadError::ShapeMismatch {
                 name: full,
-                expected: vec![start + n, shape.get(1).copied().unwrap_or(0)],
+                expected: vec![start + n, dim],
                 actual: shape,
             });
         }
@@ -484,7 +553,10 @@ impl Weights {
 
     /// All tensor names (with the full prefix), sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.st.tensors().into_iter().map(|(n, _)| n).collect();
+        let mut v: Vec<String> = match &self.backend {
+            Backend::Mmap(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
+            Backend::Random(_) => Vec::new(),
+        };
         v.sort();
         v
     }

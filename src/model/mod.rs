@@ -6,6 +6,7 @@
 //! runs batched prefill/decode with sampling. [`tokenizer`] renders the chat template and
 //! expands media placeholders; [`gemma4`] bundles a loaded checkpoint. The vision/audio
 //! towers live in `vision`/`audio`.
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod gemma4;

@@ -465,6 +465,17 @@ impl TextModel {
         n
     }
 
+    /// Weight bytes one decode step reads: everything but the PLE table, of which only one
+    /// row per token is touched.
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let ple = self
+            .ple
+            .as_ref()
+            .map(|p| p.table.size_in_bytes())
+            .unwrap_or(0);
+        self.weight_bytes() - ple
+    }
+
     fn lm_head_extra_bytes(&self) -> usize {
         match self.embed {
             // Dense and single quantized tables share storage with the head.
