@@ -3,13 +3,14 @@
 //!
 //! Data flow, top to bottom: [`source`] (what to open) -> [`ingest`] (graphs, supervision) ->
 //! [`queue`] (bounded, counted) -> [`worker`] (analysis: [`signal`]) -> [`sink`] (events) ->
-//! [`http`] / [`metrics`].
+//! [`http`] / [`metrics`]. The Gemma 4 model lives in [`model`].
 
 pub mod config;
 pub mod event;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod model;
 pub mod progress;
 pub mod queue;
 pub mod run;

@@ -24,6 +24,12 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Inspect or run a Gemma 4 checkpoint.
+    #[command(subcommand)]
+    Model(percept::model::cli::ModelCmd),
+    /// Benchmarks that need no download.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Synthetic sources for demos and tests.
     #[command(hide = true)]
     Testsrc {
@@ -56,6 +62,12 @@ struct RunArgs {
     /// Do not serve HTTP.
     #[arg(long)]
     no_http: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Gemma 4 decoder at real shapes with random weights.
+    Model(percept::model::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -103,6 +115,8 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { files },
         } => cmd_config_check(&files),
+        Command::Model(m) => report(percept::model::cli::run(m, None)),
+        Command::Bench(BenchCmd::Model(b)) => report(percept::model::bench::run(&b)),
         Command::Testsrc { command } => match command {
             TestsrcCommand::Rtsp {
                 port,
@@ -123,6 +137,17 @@ fn main() -> ExitCode {
                 }
             }
         },
+    }
+}
+
+/// One line for an error chain, exit code 2.
+fn report<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("percept: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -233,10 +233,10 @@ fn wrong_password_fails_cleanly_and_is_never_printed() {
         err.contains("viewer:***@"),
         "the redacted URI is logged: {err}"
     );
-    // The right password works.
+    // The right password works, here with RTP over UDP.
     let (child, events) = spawn_percept(
         &d,
-        &format!("cam=rtsp://viewer:s3cret-pw@127.0.0.1:{p}/test"),
+        &format!("cam=rtsp://viewer:s3cret-pw@127.0.0.1:{p}/test?transport=udp"),
         "",
     );
     wait_for(&events, 0, Duration::from_secs(30), |e| {

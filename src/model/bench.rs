@@ -1,0 +1,260 @@
+//! `percept bench model`: random weights at the real E2B/E4B shapes, per quantization:
+//! load time, peak RSS, prefill and decode tokens/s, and decode speed as a fraction of the
+//! memory-bandwidth bound measured in the same process.
+//!
+//! Each quantization runs in a child process so that peak RSS (`VmHWM`) is its own.
+
+use std::time::Instant;
+
+use clap::Args;
+
+use super::config::TextConfig;
+use super::layers::Quant;
+use super::loader::Weights;
+use super::testing::SplitMix64;
+use super::text::{LoadOptions, LogitRows, Segment, TextModel};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Architectures: e2b, e4b (comma separated).
+    #[arg(long, default_value = "e2b", value_delimiter = ',')]
+    pub arch: Vec<String>,
+    /// Quantizations (comma separated).
+    #[arg(long, value_enum, default_value = "q4k,q8_0", value_delimiter = ',')]
+    pub quant: Vec<Quant>,
+    /// Prompt tokens for the prefill measurement.
+    #[arg(long, default_value_t = 256)]
+    pub prompt: usize,
+    /// Decode steps.
+    #[arg(long, default_value_t = 16)]
+    pub decode: usize,
+    /// Print JSON lines only.
+    #[arg(long)]
+    pub json: bool,
+    /// Internal: run one (arch, quant) in this process.
+    #[arg(long, hide = true)]
+    pub child: bool,
+}
+
+/// Text config of a real checkpoint shape (values from the published configs; see
+/// shared/reference/gemma4.md). E4B's `use_double_wide_mlp` is assumed false.
+pub fn real_text_config(arch: &str) -> anyhow::Result<TextConfig> {
+    let (layers, hidden, ffn, kv, period, shared, dw) = match arch {
+        "e2b" => (35, 1536, 6144, 1, 5, 20, true),
+        "e4b" => (42, 2560, 10240, 2, 6, 18, false),
+        _ => anyhow::bail!("unknown arch {arch:?} (e2b, e4b)"),
+    };
+    let types: Vec<&str> = (0..layers)
+        .map(|i| {
+            if (i + 1) % period == 0 {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }
+        })
+        .collect();
+    let v = serde_json::json!({
+        "vocab_size": 262144, "vocab_size_per_layer_input": 262144,
+        "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+        "num_attention_heads": 8, "num_key_value_heads": kv, "head_dim": 256,
+        "global_head_dim": 512, "sliding_window": 512, "layer_types": types,
+        "hidden_size_per_layer_input": 256, "num_kv_shared_layers": shared,
+        "use_double_wide_mlp": dw, "final_logit_softcapping": 30.0,
+        "max_position_embeddings": 131072, "attention_k_eq_v": false,
+    });
+    Ok(serde_json::from_value(v)?)
+}
+
+fn proc_status_kib(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Read bandwidth in bytes/s: all threads summing a 512 MiB buffer, best of 3.
+pub fn measure_read_bandwidth() -> f64 {
+    let n: usize = 128 << 20; // f32 elements = 512 MiB
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let total: f32 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(n.div_ceil(threads))
+                .map(|c| s.spawn(move || c.iter().sum::<f32>()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(total);
+        best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn run_one(
+    arch: &str,
+    quant: Quant,
+    prompt: usize,
+    decode: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let cfg = real_text_config(arch)?;
+    let t0 = Instant::now();
+    let w = Weights::random(0x5eed, &candle_core::Device::Cpu, candle_core::DType::F32);
+    let opts = LoadOptions {
+        quant,
+        max_context: prompt + decode + 8,
+        ..LoadOptions::default()
+    };
+    let m = TextModel::load(&w, &cfg, &opts)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let rss_after_load = proc_status_kib("VmRSS:").unwrap_or(0);
+    let peak_load = proc_status_kib("VmHWM:").unwrap_or(0);
+
+    let mut rng = SplitMix64(7);
+    let ids: Vec<u32> = (0..prompt)
+        .map(|_| 1000 + (rng.next_u64() % 200_000) as u32)
+        .collect();
+    let mut cache = m.new_cache();
+    let t = Instant::now();
+    let e = m.embed_tokens(&ids)?;
+    let tp = m.ple_token_inputs(&ids)?;
+    let p = m.ple_inputs(&e, tp.as_ref())?;
+    let mut segs = [Segment {
+        cache: &mut cache,
+        len: prompt,
+        logits: LogitRows::Last,
+        block_ids: None,
+    }];
+    let l = m.forward(&e, p.as_ref(), &mut segs)?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let mut tok = super::generate::argmax(&l[0].squeeze(0)?.to_vec1::<f32>()?);
+    let t = Instant::now();
+    for _ in 0..decode {
+        let e = m.embed_tokens(&[tok])?;
+        let tp = m.ple_token_inputs(&[tok])?;
+        let p = m.ple_inputs(&e, tp.as_ref())?;
+        let mut segs = [Segment {
+            cache: &mut cache,
+            len: 1,
+            logits: LogitRows::Last,
+            block_ids: None,
+        }];
+        let l = m.forward(&e, p.as_ref(), &mut segs)?;
+        tok = super::generate::argmax(&l[0].squeeze(0)?.to_vec1::<f32>()?);
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    let bw = measure_read_bandwidth();
+    let bytes_tok = m.decode_bytes_per_token() as f64;
+    let decode_tps = decode as f64 / decode_s;
+    let bound_tps = bw / bytes_tok;
+    Ok(serde_json::json!({
+        "arch": arch,
+        "quant": quant.as_str(),
+        "device": "cpu",
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "load_s": load_s,
+        "weight_gib": m.weight_bytes() as f64 / (1u64 << 30) as f64,
+        "rss_after_load_gib": rss_after_load as f64 / (1u64 << 20) as f64,
+        "peak_rss_load_gib": peak_load as f64 / (1u64 << 20) as f64,
+        "peak_rss_gib": proc_status_kib("VmHWM:").unwrap_or(0) as f64 / (1u64 << 20) as f64,
+        "prompt_tokens": prompt,
+        "prefill_tok_s": prompt as f64 / prefill_s,
+        "decode_steps": decode,
+        "decode_tok_s": decode_tps,
+        "decode_bytes_per_token_gib": bytes_tok / (1u64 << 30) as f64,
+        "read_bandwidth_gb_s": bw / 1e9,
+        "bandwidth_bound_tok_s": bound_tps,
+        "fraction_of_bound": decode_tps / bound_tps,
+        "kv_cache_mib": cache.bytes() as f64 / (1u64 << 20) as f64,
+    }))
+}
+
+/// Entry point of `percept bench model`.
+pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
+    if a.child {
+        let (Some(arch), Some(q)) = (a.arch.first(), a.quant.first()) else {
+            anyhow::bail!("child run needs one arch and one quant");
+        };
+        println!("{}", run_one(arch, *q, a.prompt, a.decode)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    for arch in &a.arch {
+        for q in &a.quant {
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "bench",
+                    "model",
+                    "--child",
+                    "--arch",
+                    arch,
+                    "--quant",
+                    q.as_str(),
+                ])
+                .args([
+                    "--prompt",
+                    &a.prompt.to_string(),
+                    "--decode",
+                    &a.decode.to_string(),
+                ])
+                .output()?;
+            if !out.status.success() {
+                eprintln!(
+                    "{arch}/{}: failed: {}",
+                    q.as_str(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                continue;
+            }
+            let line = String::from_utf8_lossy(&out.stdout);
+            let v: serde_json::Value = serde_json::from_str(line.trim())?;
+            if a.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{arch:4} {:5} load {:6.1}s  weights {:5.2} GiB  peak RSS {:5.2} GiB  prefill {:7.1} tok/s  decode {:6.2} tok/s  ({:.0}% of {:.2} tok/s bound at {:.1} GB/s)",
+                    q.as_str(),
+                    v["load_s"].as_f64().unwrap_or(0.0),
+                    v["weight_gib"].as_f64().unwrap_or(0.0),
+                    v["peak_rss_gib"].as_f64().unwrap_or(0.0),
+                    v["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                    v["decode_tok_s"].as_f64().unwrap_or(0.0),
+                    100.0 * v["fraction_of_bound"].as_f64().unwrap_or(0.0),
+                    v["bandwidth_bound_tok_s"].as_f64().unwrap_or(0.0),
+                    v["read_bandwidth_gb_s"].as_f64().unwrap_or(0.0),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::config::KvSource;
+
+    #[test]
+    fn real_shapes_resolve() {
+        let e2b = real_text_config("e2b").unwrap().layer_specs().unwrap();
+        assert_eq!(e2b.len(), 35);
+        assert_eq!(e2b.iter().filter(|s| s.sliding_window.is_none()).count(), 7);
+        assert_eq!(
+            e2b.iter()
+                .filter(|s| matches!(s.kv, KvSource::Shared(_)))
+                .count(),
+            20
+        );
+        assert_eq!(e2b[34].intermediate_size, 12288);
+        assert_eq!(e2b[4].head_dim, 512);
+        let e4b = real_text_config("e4b").unwrap().layer_specs().unwrap();
+        assert_eq!(e4b.len(), 42);
+        assert_eq!(e4b[5].num_kv_heads, 2);
+    }
+}

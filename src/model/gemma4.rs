@@ -1,0 +1,125 @@
+//! A loaded Gemma 4 checkpoint: config, decoder, tokenizer and stop ids.
+
+use std::path::Path;
+
+use super::config::Gemma4Config;
+use super::generate::{generate_batch, GenerateOptions, Generation, Request};
+use super::loader::{LoadError, ModelFiles, Weights};
+use super::multimodal::PlaceholderIds;
+use super::text::{LoadOptions, TextModel};
+use super::tokenizer::Gemma4Tokenizer;
+use super::ModelError;
+
+/// Everything needed to turn prompts into tokens.
+pub struct Gemma4 {
+    pub files: ModelFiles,
+    pub config: Gemma4Config,
+    pub text: TextModel,
+    pub tokenizer: Option<Gemma4Tokenizer>,
+    /// Union of `generation_config.json` `eos_token_id` and the config's `eos_token_id`.
+    pub stop_ids: Vec<u32>,
+    pub weights: Weights,
+    pub opts: LoadOptions,
+}
+
+impl Gemma4 {
+    /// Loads a local folder or hub id.
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self, LoadError> {
+        let files = ModelFiles::resolve(spec)?;
+        Self::load_files(files, opts)
+    }
+
+    pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Self, LoadError> {
+        Self::load_files(ModelFiles::from_dir(dir)?, opts)
+    }
+
+    pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<Self, LoadError> {
+        let config = Gemma4Config::from_file(&files.config)?;
+        let weights = Weights::open(&files.weights, &opts.device, opts.dtype)?;
+        let text = TextModel::load(&weights, &config.text_config, opts)?;
+        let tokenizer = match &files.tokenizer {
+            Some(_) => Some(Gemma4Tokenizer::load(&files)?),
+            None => None,
+        };
+        let mut stop_ids = Vec::new();
+        if let Some(p) = &files.generation_config {
+            let text = std::fs::read_to_string(p).map_err(|source| LoadError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LoadError::Parse {
+                    path: p.clone(),
+                    message: e.to_string(),
+                })?;
+            match v.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => stop_ids.extend(n.as_u64().map(|x| x as u32)),
+                Some(serde_json::Value::Array(a)) => {
+                    stop_ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+                }
+                _ => {}
+            }
+        }
+        for ids in [&config.eos_token_id, &config.text_config.eos_token_id]
+            .into_iter()
+            .flatten()
+        {
+            stop_ids.extend(ids.to_vec());
+        }
+        if let Some(t) = &tokenizer {
+            stop_ids.push(t.special.eos);
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            files,
+            config,
+            text,
+            tokenizer,
+            stop_ids,
+            weights,
+            opts: opts.clone(),
+        })
+    }
+
+    /// Placeholder ids: from the tokenizer when present, else the config.
+    pub fn placeholders(&self) -> PlaceholderIds {
+        match &self.tokenizer {
+            Some(t) => PlaceholderIds {
+                image: t.special.image,
+                video: t.special.video,
+                audio: t.special.audio,
+                pad: t.special.pad,
+            },
+            None => PlaceholderIds {
+                image: self.config.image_token_id,
+                video: self.config.video_token_id,
+                audio: self.config.audio_token_id,
+                pad: self.config.text_config.pad_token_id.unwrap_or(0),
+            },
+        }
+    }
+
+    pub fn generate_options(&self, prefill_chunk: usize) -> GenerateOptions {
+        GenerateOptions {
+            prefill_chunk,
+            stop_ids: self.stop_ids.clone(),
+            placeholders: self.placeholders(),
+        }
+    }
+
+    /// Runs a batch of requests; see [`generate_batch`].
+    pub fn generate(
+        &self,
+        requests: &[Request],
+        prefill_chunk: usize,
+        on_token: &mut dyn FnMut(usize, u32),
+    ) -> Result<Vec<Generation>, ModelError> {
+        generate_batch(
+            &self.text,
+            &self.generate_options(prefill_chunk),
+            requests,
+            on_token,
+        )
+    }
+}

@@ -1,0 +1,508 @@
+//! Small building blocks shared by the decoder and the towers.
+//!
+//! Numerics follow the reference (`modeling_gemma4.py`):
+//! - [`RmsNorm`] multiplies by `w`, not `1 + w` (Gemma 2/3 used `1 + w`), and computes in f32;
+//! - the activation `gelu_pytorch_tanh` is candle's `gelu` (tanh approximation).
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
+
+use super::loader::{LoadError, Weights};
+
+/// Weight storage chosen at load time for decoder linears and embedding tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quant {
+    /// Full precision f32 (the default on CPU; what parity tests use).
+    #[default]
+    F32,
+    F16,
+    Bf16,
+    /// 8-bit blocks of 32 (34 bytes per 32 weights).
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 4-bit K-quant, blocks of 256 (144 bytes per 256 weights).
+    #[value(name = "q4k")]
+    Q4K,
+}
+
+impl Quant {
+    /// Bytes per weight, for memory estimates.
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            Quant::F32 => 4.0,
+            Quant::F16 | Quant::Bf16 => 2.0,
+            Quant::Q8_0 => 34.0 / 32.0,
+            Quant::Q4K => 144.0 / 256.0,
+        }
+    }
+
+    /// The ggml block type, None for the dense float types.
+    pub fn ggml(self) -> Option<GgmlDType> {
+        match self {
+            Quant::Q8_0 => Some(GgmlDType::Q8_0),
+            Quant::Q4K => Some(GgmlDType::Q4K),
+            _ => None,
+        }
+    }
+
+    /// Dtype dense weights are stored in.
+    pub fn dense_dtype(self) -> DType {
+        match self {
+            Quant::F16 => DType::F16,
+            Quant::Bf16 => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quant::F32 => "f32",
+            Quant::F16 => "f16",
+            Quant::Bf16 => "bf16",
+            Quant::Q8_0 => "q8_0",
+            Quant::Q4K => "q4k",
+        }
+    }
+}
+
+/// `Gemma4RMSNorm`: `x * (mean(x^2) + eps)^-0.5 * w`, in f32, cast back to the input dtype.
+/// `with_scale = false` (v-norm, multimodal pre-projection norm) has no weight.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Option<Tensor>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `<name>.weight` of shape `[dim]`.
+    pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self, LoadError> {
+        let weight = w.get_dtype(&format!("{name}.weight"), &[dim], DType::F32)?;
+        Ok(Self {
+            weight: Some(weight),
+            eps,
+        })
+    }
+
+    /// A norm with a given f32 weight (tests, generated checkpoints).
+    pub fn from_weight(weight: Tensor, eps: f64) -> Self {
+        Self {
+            weight: Some(weight),
+            eps,
+        }
+    }
+
+    /// The `with_scale=False` variant: normalisation only.
+    pub fn without_scale(eps: f64) -> Self {
+        Self { weight: None, eps }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let ms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?;
+        let mut y = xf.broadcast_mul(&ms.powf(-0.5)?)?;
+        if let Some(w) = &self.weight {
+            y = y.broadcast_mul(w)?;
+        }
+        y.to_dtype(dtype)
+    }
+}
+
+/// A bias-free linear layer `y = x W^T` over dense or block-quantized weights.
+///
+/// Input may be any float dtype; it is cast to what the weight needs and the output is cast
+/// back, so callers keep one activation dtype.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: QMatMul,
+    out_dim: usize,
+    in_dim: usize,
+}
+
+impl Linear {
+    /// Loads `<name>.weight` `[out, in]` and stores it as `quant` asks.
+    pub fn load(
+        w: &Weights,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        quant: Quant,
+    ) -> Result<Self, LoadError> {
+        let full = format!("{name}.weight");
+        let t = w.get_dtype(&full, &[out_dim, in_dim], quant.dense_dtype())?;
+        Self::from_tensor(t, quant).map_err(|e| LoadError::candle(format!("quantizing {full}"), e))
+    }
+
+    /// Wraps an `[out, in]` weight, quantizing it when `quant` is a block type.
+    pub fn from_tensor(weight: Tensor, quant: Quant) -> CResult<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let inner = match quant.ggml() {
+            Some(g) if in_dim % g.block_size() == 0 => {
+                // `QTensor::quantize` reads the whole backing storage and ignores the layout,
+                // so hand it a tensor that owns exactly its elements.
+                let q = QTensor::quantize(&owned_f32(&weight)?, g)?;
+                QMatMul::QTensor(std::sync::Arc::new(q))
+            }
+            // Rows that do not fill whole blocks stay dense (tiny test shapes).
+            _ => QMatMul::Tensor(weight.to_dtype(quant.dense_dtype())?),
+        };
+        Ok(Self {
+            inner,
+            out_dim,
+            in_dim,
+        })
+    }
+
+    /// Shares an already quantized tensor (tied embeddings / lm_head).
+    pub fn from_qtensor(q: std::sync::Arc<QTensor>) -> CResult<Self> {
+        let (out_dim, in_dim) = q.shape().dims2()?;
+        Ok(Self {
+            inner: QMatMul::QTensor(q),
+            out_dim,
+            in_dim,
+        })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// Bytes held by the weight.
+    pub fn size_in_bytes(&self) -> usize {
+        match &self.inner {
+            QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let in_dtype = x.dtype();
+        let want = match &self.inner {
+            QMatMul::QTensor(_) => DType::F32,
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dtype(),
+        };
+        let xs = if in_dtype == want {
+            x.clone()
+        } else {
+            x.to_dtype(want)?
+        };
+        let y = match &self.inner {
+            // Flatten to 2D: the matmul then runs as one GEMM with no broadcast copies.
+            QMatMul::Tensor(w) | QMatMul::TensorF16(w) => {
+                let dims = xs.dims().to_vec();
+                let k = dims[dims.len() - 1];
+                let rows = xs.elem_count() / k.max(1);
+                let y = xs.reshape((rows, k))?.matmul(&w.t()?)?;
+                let mut out = dims;
+                let last = out.len() - 1;
+                out[last] = self.out_dim;
+                y.reshape(out)?
+            }
+            QMatMul::QTensor(_) => self.inner.forward(&xs.contiguous()?)?,
+        };
+        if y.dtype() == in_dtype {
+            Ok(y)
+        } else {
+            y.to_dtype(in_dtype)
+        }
+    }
+}
+
+/// An embedding table `[rows, dim]`, dense or quantized in row chunks.
+///
+/// Quantized tables are kept as several [`QTensor`] chunks so that loading never holds more
+/// than one chunk in f32 (the E4B PLE table is 11 GB in f32), and lookups dequantize only the
+/// rows asked for.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    /// One quantized matrix (the token table, shared with the tied lm_head).
+    Quantized(std::sync::Arc<QTensor>),
+    Chunked {
+        chunks: Vec<std::sync::Arc<QTensor>>,
+        rows_per_chunk: usize,
+        rows: usize,
+        dim: usize,
+    },
+}
+
+/// Rows quantized at a time when loading a quantized table.
+pub const EMBED_QUANT_CHUNK_ROWS: usize = 8192;
+
+impl Embedding {
+    /// Loads `<name>` (full tensor name) `[rows, dim]`.
+    pub fn load(
+        w: &Weights,
+        name: &str,
+        rows: usize,
+        dim: usize,
+        quant: Quant,
+        dense_dtype: DType,
+    ) -> Result<Self, LoadError> {
+        match quant.ggml() {
+            Some(g) if dim % g.block_size() == 0 => {
+                w.check_shape(name, &[rows, dim])?;
+                let mut chunks = Vec::new();
+                let mut start = 0;
+                while start < rows {
+                    let n = EMBED_QUANT_CHUNK_ROWS.min(rows - start);
+                    let part = w.get_rows_f32(name, start, n, dim)?;
+                    let q = QTensor::quantize(&part, g).map_err(|e| {
+                        LoadError::candle(
+                            format!("quantizing {name} rows {start}..{}", start + n),
+                            e,
+                        )
+                    })?;
+                    chunks.push(std::sync::Arc::new(q));
+                    start += n;
+                }
+                Ok(Embedding::Chunked {
+                    chunks,
+                    rows_per_chunk: EMBED_QUANT_CHUNK_ROWS,
+                    rows,
+                    dim,
+                })
+            }
+            _ => Ok(Embedding::Dense(w.get_dtype(
+                name,
+                &[rows, dim],
+                dense_dtype,
+            )?)),
+        }
+    }
+
+    /// Loads a table as one quantized matrix, quantizing `EMBED_QUANT_CHUNK_ROWS` rows at a
+    /// time so only one chunk is ever held in f32; falls back to dense when rows do not fill
+    /// whole blocks.
+    pub fn load_single(
+        w: &Weights,
+        name: &str,
+        rows: usize,
+        dim: usize,
+        quant: Quant,
+        dense_dtype: DType,
+    ) -> Result<Self, LoadError> {
+        let Some(g) = quant.ggml().filter(|g| dim % g.block_size() == 0) else {
+            return Ok(Embedding::Dense(w.get_dtype(
+                name,
+                &[rows, dim],
+                dense_dtype,
+            )?));
+        };
+        w.check_shape(name, &[rows, dim])?;
+        let row_bytes = dim / g.block_size() * g.type_size();
+        let mut bytes: Vec<u8> = Vec::with_capacity(rows * row_bytes);
+        let mut start = 0;
+        while start < rows {
+            let n = EMBED_QUANT_CHUNK_ROWS.min(rows - start);
+            let part = w.get_rows_f32(name, start, n, dim)?;
+            let q = QTensor::quantize(&part, g).map_err(|e| {
+                LoadError::candle(format!("quantizing {name} rows {start}..{}", start + n), e)
+            })?;
+            let data = q
+                .data()
+                .map_err(|e| LoadError::candle(format!("reading quantized {name}"), e))?;
+            bytes.extend_from_slice(&data);
+            start += n;
+        }
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            g,
+            &bytes,
+            vec![rows, dim],
+            w.device(),
+        )
+        .map_err(|e| LoadError::candle(format!("assembling quantized {name}"), e))?;
+        Ok(Embedding::Quantized(std::sync::Arc::new(q)))
+    }
+
+    pub fn dim(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.dims()[1],
+            Embedding::Quantized(q) => q.shape().dims()[1],
+            Embedding::Chunked { dim, .. } => *dim,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.dims()[0],
+            Embedding::Quantized(q) => q.shape().dims()[0],
+            Embedding::Chunked { rows, .. } => *rows,
+        }
+    }
+
+    /// Bytes held by the table.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
+            Embedding::Chunked { chunks, .. } => {
+                chunks.iter().map(|c| c.storage_size_in_bytes()).sum()
+            }
+        }
+    }
+
+    /// Looks up `ids` (any shape, u32) and returns `[..ids, dim]` in `dtype`.
+    pub fn lookup(&self, ids: &[u32], device: &Device, dtype: DType) -> CResult<Tensor> {
+        let n = ids.len();
+        match self {
+            Embedding::Dense(t) => {
+                let idx = Tensor::from_slice(ids, n, t.device())?;
+                t.index_select(&idx, 0)?.to_dtype(dtype)?.to_device(device)
+            }
+            Embedding::Quantized(q) => {
+                let idx = Tensor::from_slice(ids, n, device)?;
+                q.embedding(&idx)?.to_dtype(dtype)
+            }
+            Embedding::Chunked {
+                chunks,
+                rows_per_chunk,
+                rows,
+                dim,
+            } => {
+                let mut parts = Vec::with_capacity(n);
+                for &id in ids {
+                    let id = id as usize;
+                    if id >= *rows {
+                        candle_core::bail!("token id {id} out of range for table of {rows} rows");
+                    }
+                    let c = &chunks[id / rows_per_chunk];
+                    let local = Tensor::from_slice(&[(id % rows_per_chunk) as u32], 1, device)?;
+                    parts.push(c.embedding(&local)?);
+                }
+                if parts.is_empty() {
+                    return Tensor::zeros((0, *dim), dtype, device);
+                }
+                Tensor::cat(&parts, 0)?.to_dtype(dtype)
+            }
+        }
+    }
+
+    /// The dense table, when dense (tied lm_head).
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Embedding::Dense(t) => Some(t),
+            Embedding::Quantized(_) | Embedding::Chunked { .. } => None,
+        }
+    }
+}
+
+/// An f32 tensor with storage of its own, exactly `elem_count` long: `QTensor::quantize`
+/// reads the backing storage and ignores narrowing (`copy()` clones the whole storage too).
+pub fn owned_f32(t: &Tensor) -> CResult<Tensor> {
+    t.to_dtype(DType::F32)?.affine(1.0, 0.0)
+}
+
+/// `gelu_pytorch_tanh`.
+pub fn gelu_tanh(x: &Tensor) -> CResult<Tensor> {
+    x.gelu()
+}
+
+/// `tanh(x / cap) * cap`.
+pub fn softcap(x: &Tensor, cap: f64) -> CResult<Tensor> {
+    (x / cap)?.tanh()? * cap
+}
+
+/// Rounds an f32 scalar through `dtype` the way the reference does when it casts a scale
+/// buffer to the weight dtype (`embed_scale.to(weight.dtype)`).
+pub fn round_through(value: f64, dtype: DType) -> CResult<f64> {
+    let t = Tensor::new(value as f32, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_dtype(DType::F32)?;
+    Ok(t.to_scalar::<f32>()? as f64)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_uses_w_not_one_plus_w() {
+        let x = Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[2f32, 2., 2., 2.], &Device::Cpu).unwrap();
+        let y = RmsNorm::from_weight(w, 0.0).forward(&x).unwrap();
+        let rms = (30f32 / 4.0).sqrt();
+        let got = y.to_vec2::<f32>().unwrap();
+        for (i, v) in got[0].iter().enumerate() {
+            assert!((v - 2.0 * (i as f32 + 1.0) / rms).abs() < 1e-5);
+        }
+        let y = RmsNorm::without_scale(0.0).forward(&x).unwrap();
+        assert!((y.to_vec2::<f32>().unwrap()[0][3] - 4.0 / rms).abs() < 1e-5);
+    }
+
+    #[test]
+    fn quantized_linear_and_embedding_track_f32() {
+        let w = Tensor::randn(0f32, 1.0, (64, 256), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
+        let f = Linear::from_tensor(w.clone(), Quant::F32)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        for (q, tol) in [(Quant::Q8_0, 0.02), (Quant::Q4K, 0.15)] {
+            let y = Linear::from_tensor(w.clone(), q)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            let err = (&y - &f)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            let norm = f
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            assert!(err / norm < tol, "{q:?}: relative rms error {}", err / norm);
+        }
+        let table = Tensor::randn(0f32, 1.0, (20, 64), &Device::Cpu).unwrap();
+        let q = candle_core::quantized::QTensor::quantize(
+            &table.narrow(0, 0, 16).unwrap().affine(1.0, 0.0).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let q2 = candle_core::quantized::QTensor::quantize(
+            &table.narrow(0, 16, 4).unwrap().affine(1.0, 0.0).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let e = Embedding::Chunked {
+            chunks: vec![std::sync::Arc::new(q), std::sync::Arc::new(q2)],
+            rows_per_chunk: 16,
+            rows: 20,
+            dim: 64,
+        };
+        let got = e.lookup(&[3, 17], &Device::Cpu, DType::F32).unwrap();
+        let want = table
+            .index_select(&Tensor::new(&[3u32, 17], &Device::Cpu).unwrap(), 0)
+            .unwrap();
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 0.05, "chunked lookup off by {d}");
+    }
+}

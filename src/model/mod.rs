@@ -1,0 +1,42 @@
+//! Gemma 4 (E2B/E4B, model_type `gemma4`) on candle.
+//!
+//! Data flow: [`loader`] finds files and maps tensors -> [`config`] resolves per-layer
+//! shapes -> [`text`] is the decoder (PLE, KV sharing, sliding/full attention, caches) ->
+//! [`multimodal`] scatters tower soft tokens onto placeholder positions -> [`generate`]
+//! runs batched prefill/decode with sampling. [`tokenizer`] renders the chat template and
+//! expands media placeholders; [`gemma4`] bundles a loaded checkpoint. The vision/audio
+//! towers live in `vision`/`audio`.
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod gemma4;
+pub mod generate;
+pub mod layers;
+pub mod loader;
+pub mod multimodal;
+pub mod testing;
+pub mod text;
+pub mod tokenizer;
+
+pub use gemma4::Gemma4;
+pub use layers::Quant;
+pub use loader::LoadError;
+
+/// Errors while running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{modality}: {placeholders} placeholder token(s) but {soft_tokens} soft token(s)")]
+    Placeholders {
+        modality: &'static str,
+        placeholders: usize,
+        soft_tokens: usize,
+    },
+    #[error(transparent)]
+    Prompt(#[from] tokenizer::PromptError),
+    #[error("bad request: {0}")]
+    Request(String),
+}

@@ -1,0 +1,499 @@
+//! Tiny, seeded Gemma 4 checkpoints for tests and benchmarks.
+//!
+//! [`write_tiny_checkpoint`] writes a complete model folder with the official tensor names
+//! (`model.language_model.*`), a small `config.json` (released form, or the
+//! transformers-5.24 `per_layer_config` form), a `tokenizer.json` holding the Gemma 4 special
+//! tokens, the official chat template and a `generation_config.json`. Weights come from a
+//! splitmix64 stream, so a given seed always gives the same bytes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+/// The official Gemma 4 chat template (as shipped by the checkpoints).
+pub const GEMMA4_CHAT_TEMPLATE: &str = include_str!("gemma4_chat_template.jinja");
+
+/// splitmix64: a tiny seedable PRNG (candle's CPU RNG cannot be seeded).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [-a, a).
+    pub fn uniform(&mut self, a: f64) -> f32 {
+        ((self.next_f64() * 2.0 - 1.0) * a) as f32
+    }
+}
+
+/// Shape knobs of a tiny checkpoint.
+#[derive(Debug, Clone)]
+pub struct TinySpec {
+    pub seed: u64,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub global_head_dim: usize,
+    pub layer_types: Vec<&'static str>,
+    pub num_kv_shared_layers: usize,
+    pub sliding_window: usize,
+    pub ple_dim: usize,
+    pub double_wide: bool,
+    pub k_eq_v: bool,
+    /// kv heads on full layers when `k_eq_v`.
+    pub global_kv_heads: Option<usize>,
+    pub softcap: Option<f64>,
+    /// Write `per_layer_config` (transformers 5.24) instead of `global_head_dim`.
+    pub per_layer_config_form: bool,
+    /// `use_bidirectional_attention`.
+    pub bidirectional: Option<&'static str>,
+    /// Shard the weights into two files with an index.
+    pub sharded: bool,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            hidden: 64,
+            intermediate: 96,
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 16,
+            global_head_dim: 32,
+            layer_types: vec![
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+            ],
+            num_kv_shared_layers: 2,
+            sliding_window: 4,
+            ple_dim: 8,
+            double_wide: true,
+            k_eq_v: false,
+            global_kv_heads: None,
+            softcap: Some(30.0),
+            per_layer_config_form: false,
+            bidirectional: None,
+            sharded: false,
+        }
+    }
+}
+
+/// Special tokens of the tiny tokenizer, in id order from 0.
+pub const TINY_SPECIALS: &[&str] = &[
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<|turn>",
+    "<turn|>",
+    "<|think|>",
+    "<|channel>",
+    "<channel|>",
+    "<|image>",
+    "<image|>",
+    "<|image|>",
+    "<|audio>",
+    "<audio|>",
+    "<|audio|>",
+    "<|video|>",
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    "<|\"|>",
+];
+
+/// Builds the tiny vocabulary: specials, then 256 byte-fallback tokens, then printable ASCII
+/// (space written as `▁`). Returns (token, id) in id order.
+pub fn tiny_vocab() -> Vec<String> {
+    let mut v: Vec<String> = TINY_SPECIALS.iter().map(|s| s.to_string()).collect();
+    for b in 0..=255u8 {
+        v.push(format!("<0x{b:02X}>"));
+    }
+    v.push("▁".into());
+    for c in 33u8..127 {
+        v.push((c as char).to_string());
+    }
+    v.push("\n".into());
+    v
+}
+
+/// Vocabulary size used by the tiny config (vocab rounded up to 32).
+pub fn tiny_vocab_size() -> usize {
+    tiny_vocab().len().div_ceil(32) * 32
+}
+
+fn id_of(tok: &str) -> u32 {
+    tiny_vocab().iter().position(|t| t == tok).unwrap_or(3) as u32
+}
+
+/// `tokenizer.json` for the tiny vocabulary: BPE with byte fallback and no merges, spaces
+/// mapped to `▁`, the specials as added tokens.
+pub fn tiny_tokenizer_json() -> String {
+    let vocab = tiny_vocab();
+    let mut vmap = serde_json::Map::new();
+    for (i, t) in vocab.iter().enumerate() {
+        vmap.insert(t.clone(), serde_json::json!(i));
+    }
+    let added: Vec<serde_json::Value> = TINY_SPECIALS
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let j = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"}
+        ]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vmap, "merges": []}
+    });
+    j.to_string()
+}
+
+/// The tiny `config.json` as a JSON value.
+pub fn tiny_config_json(spec: &TinySpec) -> serde_json::Value {
+    let n = spec.layer_types.len();
+    let mut text = serde_json::json!({
+        "model_type": "gemma4_text",
+        "vocab_size": tiny_vocab_size(),
+        "vocab_size_per_layer_input": tiny_vocab_size(),
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": n,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        "tie_word_embeddings": true,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1000000.0}
+        },
+        "attention_bias": false,
+        "sliding_window": spec.sliding_window,
+        "layer_types": spec.layer_types,
+        "final_logit_softcapping": spec.softcap,
+        "use_bidirectional_attention": spec.bidirectional,
+        "hidden_size_per_layer_input": spec.ple_dim,
+        "attention_k_eq_v": spec.k_eq_v,
+        "num_kv_shared_layers": spec.num_kv_shared_layers,
+        "enable_moe_block": false,
+        "use_double_wide_mlp": spec.double_wide,
+    });
+    if let Some(obj) = text.as_object_mut() {
+        if spec.per_layer_config_form {
+            let mut plc = serde_json::Map::new();
+            for (i, t) in spec.layer_types.iter().enumerate() {
+                if *t == "full_attention" {
+                    let mut o = serde_json::json!({"head_dim": spec.global_head_dim});
+                    if let (true, Some(k)) = (spec.k_eq_v, spec.global_kv_heads) {
+                        o["num_key_value_heads"] = serde_json::json!(k);
+                    }
+                    plc.insert(i.to_string(), o);
+                }
+            }
+            obj.insert("per_layer_config".into(), serde_json::Value::Object(plc));
+        } else {
+            obj.insert(
+                "global_head_dim".into(),
+                serde_json::json!(spec.global_head_dim),
+            );
+            obj.insert(
+                "num_global_key_value_heads".into(),
+                serde_json::json!(spec.global_kv_heads),
+            );
+        }
+    }
+    serde_json::json!({
+        "model_type": "gemma4",
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "text_config": text,
+        "vision_config": null,
+        "audio_config": null,
+        "boi_token_id": id_of("<|image>"),
+        "eoi_token_id": id_of("<image|>"),
+        "image_token_id": id_of("<|image|>"),
+        "video_token_id": id_of("<|video|>"),
+        "boa_token_id": id_of("<|audio>"),
+        "eoa_token_index": id_of("<audio|>"),
+        "audio_token_id": id_of("<|audio|>"),
+        "eos_token_id": [1, id_of("<turn|>")],
+        "tie_word_embeddings": true
+    })
+}
+
+/// All decoder tensors of a tiny checkpoint, with hub names.
+pub fn tiny_tensors(spec: &TinySpec) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    let mut rng = SplitMix64(spec.seed);
+    let dev = Device::Cpu;
+    let mut out = BTreeMap::new();
+    let mut put = |name: String, shape: &[usize], kind: Init, rng: &mut SplitMix64| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| match kind {
+                Init::Linear(fan_in) => rng.uniform((1.0 / fan_in as f64).sqrt() * 1.7),
+                Init::Embed => rng.uniform(0.6),
+                Init::Norm => 1.0 + rng.uniform(0.3),
+                Init::Scalar => 0.6 + rng.uniform(0.3).abs(),
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &dev).map(|t| out.insert(name, t))
+    };
+    let v = tiny_vocab_size();
+    let h = spec.hidden;
+    let n = spec.layer_types.len();
+    let d = spec.ple_dim;
+    let p = "model.language_model";
+    put(
+        format!("{p}.embed_tokens.weight"),
+        &[v, h],
+        Init::Embed,
+        &mut rng,
+    )?;
+    if d > 0 {
+        put(
+            format!("{p}.embed_tokens_per_layer.weight"),
+            &[v, n * d],
+            Init::Embed,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.per_layer_model_projection.weight"),
+            &[n * d, h],
+            Init::Linear(h),
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.per_layer_projection_norm.weight"),
+            &[d],
+            Init::Norm,
+            &mut rng,
+        )?;
+    }
+    put(format!("{p}.norm.weight"), &[h], Init::Norm, &mut rng)?;
+    let first_shared = n - spec.num_kv_shared_layers;
+    for (i, t) in spec.layer_types.iter().enumerate() {
+        let full = *t == "full_attention";
+        let hd = if full {
+            spec.global_head_dim
+        } else {
+            spec.head_dim
+        };
+        let kvh = match (full && spec.k_eq_v, spec.global_kv_heads) {
+            (true, Some(k)) => k,
+            _ => spec.kv_heads,
+        };
+        let l = format!("{p}.layers.{i}");
+        put(
+            format!("{l}.self_attn.q_proj.weight"),
+            &[spec.heads * hd, h],
+            Init::Linear(h),
+            &mut rng,
+        )?;
+        put(
+            format!("{l}.self_attn.k_proj.weight"),
+            &[kvh * hd, h],
+            Init::Linear(h),
+            &mut rng,
+        )?;
+        if !(full && spec.k_eq_v) {
+            put(
+                format!("{l}.self_attn.v_proj.weight"),
+                &[kvh * hd, h],
+                Init::Linear(h),
+                &mut rng,
+            )?;
+        }
+        put(
+            format!("{l}.self_attn.o_proj.weight"),
+            &[h, spec.heads * hd],
+            Init::Linear(spec.heads * hd),
+            &mut rng,
+        )?;
+        put(
+            format!("{l}.self_attn.q_norm.weight"),
+            &[hd],
+            Init::Norm,
+            &mut rng,
+        )?;
+        put(
+            format!("{l}.self_attn.k_norm.weight"),
+            &[hd],
+            Init::Norm,
+            &mut rng,
+        )?;
+        let inter = if spec.double_wide && i >= first_shared {
+            2 * spec.intermediate
+        } else {
+            spec.intermediate
+        };
+        put(
+            format!("{l}.mlp.gate_proj.weight"),
+            &[inter, h],
+            Init::Linear(h),
+            &mut rng,
+        )?;
+        put(
+            format!("{l}.mlp.up_proj.weight"),
+            &[inter, h],
+            Init::Linear(h),
+            &mut rng,
+        )?;
+        put(
+            format!("{l}.mlp.down_proj.weight"),
+            &[h, inter],
+            Init::Linear(inter),
+            &mut rng,
+        )?;
+        for norm in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ] {
+            put(format!("{l}.{norm}.weight"), &[h], Init::Norm, &mut rng)?;
+        }
+        if d > 0 {
+            put(
+                format!("{l}.per_layer_input_gate.weight"),
+                &[d, h],
+                Init::Linear(h),
+                &mut rng,
+            )?;
+            put(
+                format!("{l}.per_layer_projection.weight"),
+                &[h, d],
+                Init::Linear(d),
+                &mut rng,
+            )?;
+            put(
+                format!("{l}.post_per_layer_input_norm.weight"),
+                &[h],
+                Init::Norm,
+                &mut rng,
+            )?;
+        }
+        put(format!("{l}.layer_scalar"), &[1], Init::Scalar, &mut rng)?;
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy)]
+enum Init {
+    Linear(usize),
+    Embed,
+    Norm,
+    Scalar,
+}
+
+/// Writes a complete tiny model folder into `dir` (created if needed) and returns it.
+pub fn write_tiny_checkpoint(dir: &Path, spec: &TinySpec) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let tensors = tiny_tensors(spec)?;
+    if spec.sharded {
+        let mut a = BTreeMap::new();
+        let mut b = BTreeMap::new();
+        let mut map = serde_json::Map::new();
+        for (i, (k, v)) in tensors.into_iter().enumerate() {
+            let file = if i % 2 == 0 {
+                "model-00001-of-00002.safetensors"
+            } else {
+                "model-00002-of-00002.safetensors"
+            };
+            map.insert(k.clone(), serde_json::json!(file));
+            if i % 2 == 0 {
+                a.insert(k, v);
+            } else {
+                b.insert(k, v);
+            }
+        }
+        candle_core::safetensors::save(
+            &a.into_iter().collect::<std::collections::HashMap<_, _>>(),
+            dir.join("model-00001-of-00002.safetensors"),
+        )?;
+        candle_core::safetensors::save(
+            &b.into_iter().collect::<std::collections::HashMap<_, _>>(),
+            dir.join("model-00002-of-00002.safetensors"),
+        )?;
+        let idx = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(dir.join("model.safetensors.index.json"), idx.to_string())?;
+    } else {
+        candle_core::safetensors::save(
+            &tensors
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+            dir.join("model.safetensors"),
+        )?;
+    }
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&tiny_config_json(spec))?,
+    )?;
+    std::fs::write(dir.join("tokenizer.json"), tiny_tokenizer_json())?;
+    std::fs::write(dir.join("chat_template.jinja"), GEMMA4_CHAT_TEMPLATE)?;
+    let gen = serde_json::json!({"bos_token_id": 2, "pad_token_id": 0,
+        "eos_token_id": [1, id_of("<turn|>")], "do_sample": false});
+    std::fs::write(dir.join("generation_config.json"), gen.to_string())?;
+    Ok(dir.to_path_buf())
+}
+
+/// A fresh temporary folder under the system temp dir (removed by the caller if it cares).
+pub fn temp_model_dir(tag: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!("percept-tiny-{tag}-{}-{nanos}", std::process::id()))
+}
+
+/// Converts every tensor of a map to `dtype` (e.g. to write a bf16 checkpoint).
+pub fn cast_all(
+    t: BTreeMap<String, Tensor>,
+    dtype: DType,
+) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    t.into_iter()
+        .map(|(k, v)| v.to_dtype(dtype).map(|v| (k, v)))
+        .collect()
+}

@@ -1,0 +1,93 @@
+#![allow(clippy::unwrap_used)]
+//! The `percept model` subcommands against the golden fixture checkpoint.
+
+use std::process::Command;
+
+fn fixture_model() -> String {
+    format!("{}/tests/fixtures/gemma4/model", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn model_run_json_reproduces_reference_greedy_tokens() {
+    let out = Command::new(env!("CARGO_BIN_EXE_percept"))
+        .args([
+            "model",
+            "run",
+            "--model",
+            &fixture_model(),
+            "--prompt",
+            "Describe the weather in Paris today.",
+            "--max-tokens",
+            "12",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // From cases.json, case "text" (transformers 5.24.0 greedy).
+    let want = [159, 141, 62, 133, 45, 240, 17, 252, 60, 226, 226, 120];
+    assert_eq!(v["output_ids"], serde_json::json!(want));
+    assert_eq!(v["input_ids"].as_array().unwrap().len(), 40);
+    assert_eq!(v["image_tokens"], 0);
+    for k in ["prompt", "text", "timings", "audio_tokens"] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+}
+
+#[test]
+fn model_info_reports_shapes_and_memory() {
+    let out = Command::new(env!("CARGO_BIN_EXE_percept"))
+        .args([
+            "model",
+            "info",
+            &fixture_model(),
+            "--context",
+            "100",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["architecture"]["layers"], 6);
+    assert_eq!(v["architecture"]["head_dim_full"], 64);
+    assert_eq!(v["memory_estimates"].as_array().unwrap().len(), 5);
+    // KV at 100 tokens, f32: own layers 0,1 (sliding, W=8: 2*2*32*4*8 each), 2 (full, 1 kv
+    // head of 64: 2*1*64*4*100), 3 (sliding).
+    let kv = v["memory_estimates"][0]["kv_gib_at_context"]
+        .as_f64()
+        .unwrap()
+        * (1u64 << 30) as f64;
+    assert_eq!(
+        kv.round() as usize,
+        3 * 2 * 2 * 32 * 4 * 8 + 2 * 64 * 4 * 100
+    );
+}
+
+#[test]
+fn media_without_towers_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_percept"))
+        .args([
+            "model",
+            "run",
+            "--model",
+            &fixture_model(),
+            "--prompt",
+            "x",
+            "--image",
+            "nope.png",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("towers"));
+}
