@@ -374,7 +374,7 @@ impl TextConfig {
                     }
                 }
             }
-            if kv_heads == 0 || self.num_attention_heads % kv_heads != 0 {
+            if kv_heads == 0 || !self.num_attention_heads.is_multiple_of(kv_heads) {
                 return Err(ConfigError::Invalid(format!(
                     "layer {i}: {} attention heads not divisible by {kv_heads} kv heads",
                     self.num_attention_heads

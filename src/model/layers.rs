@@ -251,7 +251,7 @@ impl Embedding {
         dense_dtype: DType,
     ) -> Result<Self, LoadError> {
         match quant.ggml() {
-            Some(g) if dim % g.block_size() == 0 => {
+            Some(g) if dim.is_multiple_of(g.block_size()) => {
                 w.check_shape(name, &[rows, dim])?;
                 let mut chunks = Vec::new();
                 let mut start = 0;
@@ -293,7 +293,7 @@ impl Embedding {
         quant: Quant,
         dense_dtype: DType,
     ) -> Result<Self, LoadError> {
-        let Some(g) = quant.ggml().filter(|g| dim % g.block_size() == 0) else {
+        let Some(g) = quant.ggml().filter(|g| dim.is_multiple_of(g.block_size())) else {
             return Ok(Embedding::Dense(w.get_dtype(
                 name,
                 &[rows, dim],
