@@ -152,6 +152,7 @@ fn prepare(cfg: &Config) -> Result<Vec<Prepared>, RunError> {
             chunk_seconds: cfg.audio.chunk_seconds,
             custom_template,
             rtsp_latency_ms: 200,
+            decoder_threads: cfg.video.decoder_threads,
         };
         out.push(Prepared { spec, params });
     }

@@ -38,6 +38,8 @@ pub struct GraphParams {
     /// A user's template for the source part, already read.
     pub custom_template: Option<String>,
     pub rtsp_latency_ms: u32,
+    /// `max-threads` for libav decoders (0 = auto).
+    pub decoder_threads: u32,
 }
 
 /// Per-connection state shared by the graph's streaming threads.
@@ -333,6 +335,15 @@ pub fn build(spec: &SourceSpec, session: &Arc<Session>) -> Result<gst::Pipeline,
         .map_err(|e| GraphError::Parse(e.to_string()))?;
     let mut static_outputs = Vec::new();
     let pipeline = gst::Pipeline::with_name(&format!("percept-{}", spec.name));
+    let threads = session.params.decoder_threads;
+    pipeline.connect_deep_element_added(move |_, _, element| {
+        let is_libav_decoder = element
+            .factory()
+            .is_some_and(|f| f.name().starts_with("avdec_"));
+        if is_libav_decoder && element.has_property("max-threads") {
+            element.set_property("max-threads", threads as i32);
+        }
+    });
     pipeline
         .add(&bin)
         .map_err(|e| GraphError::Parse(e.to_string()))?;
