@@ -86,6 +86,21 @@ pub fn run(cmd: ModelCmd, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result<
     }
 }
 
+/// The device this build targets and its activation dtype: the first CUDA/Metal device with
+/// bf16 activations when built with `cuda`/`metal`, else the CPU with f32.
+pub fn default_device() -> anyhow::Result<(candle_core::Device, candle_core::DType)> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok((candle_core::Device::new_cuda(0)?, candle_core::DType::BF16));
+    }
+    #[cfg(all(feature = "metal", not(feature = "cuda")))]
+    {
+        return Ok((candle_core::Device::new_metal(0)?, candle_core::DType::BF16));
+    }
+    #[allow(unreachable_code)]
+    Ok((candle_core::Device::Cpu, candle_core::DType::F32))
+}
+
 /// Parameter counts by part, from the safetensors headers.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct ParamCounts {
@@ -258,10 +273,12 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
 
 fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    let (device, dtype) = default_device()?;
     let opts = LoadOptions {
+        device,
+        dtype,
         quant: a.quant,
         max_context: a.max_context,
-        ..LoadOptions::default()
     };
     let model = Gemma4::load(&a.model, &opts)?;
     let load_s = t0.elapsed().as_secs_f64();
