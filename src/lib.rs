@@ -1,2 +1,3 @@
 //! percept: offline, real-time media analysis.
 pub mod model;
+pub mod preprocess;

@@ -6,7 +6,9 @@
 //! runs batched prefill/decode with sampling. [`tokenizer`] renders the chat template and
 //! expands media placeholders; [`gemma4`] bundles a loaded checkpoint. The vision/audio
 //! towers live in `vision`/`audio`.
+pub mod audio;
 pub mod bench;
+pub mod clippable;
 pub mod cli;
 pub mod config;
 pub mod gemma4;
@@ -17,6 +19,7 @@ pub mod multimodal;
 pub mod testing;
 pub mod text;
 pub mod tokenizer;
+pub mod vision;
 
 pub use gemma4::Gemma4;
 pub use layers::Quant;
