@@ -285,7 +285,8 @@ pub fn patchify(img: &RgbImage) -> ImageInput {
                 for c in 0..p {
                     let i = (row + px * p + c) * 3;
                     for ch in 0..3 {
-                        pixel_values.push(img.data[i + ch] as f32 * (1.0 / 255.0));
+                        // The reference rescales in f64 (`astype(float64) * (1/255)`), then to f32.
+                        pixel_values.push((img.data[i + ch] as f64 * (1.0 / 255.0)) as f32);
                     }
                 }
             }
