@@ -69,6 +69,9 @@ pub struct RunArgs {
     /// Prompt tokens per prefill forward.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Image soft-token budget (70, 140, 280, 560 or 1120).
+    #[arg(long, default_value_t = super::media::DEFAULT_IMAGE_SOFT_TOKENS)]
+    pub max_soft_tokens: usize,
     /// Let the model think (`enable_thinking`).
     #[arg(long)]
     pub thinking: bool,
@@ -77,8 +80,8 @@ pub struct RunArgs {
     pub json: bool,
 }
 
-/// Runs a `model` subcommand. `encoder` turns image/audio files into soft tokens (the
-/// vision/audio towers); without one, media inputs are refused.
+/// Runs a `model` subcommand. `encoder` turns image/audio files into soft tokens; `None`
+/// uses the checkpoint's own towers ([`super::media::TowerEncoder`]).
 pub fn run(cmd: ModelCmd, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result<()> {
     match cmd {
         ModelCmd::Info(a) => info(&a),
@@ -292,9 +295,8 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
     let mut media = Vec::new();
     let mut content = Vec::new();
     if !a.images.is_empty() || a.audio.is_some() {
-        let enc = encoder.ok_or_else(|| {
-            anyhow::anyhow!("image/audio input needs the vision/audio towers, which this build does not wire in")
-        })?;
+        let own = super::media::TowerEncoder::new(a.max_soft_tokens);
+        let enc: &dyn MediaEncoder = encoder.unwrap_or(&own);
         for p in &a.images {
             let t = enc.encode_image(&model, p)?;
             media.push(MediaItem::Image { tokens: t.dim(0)? });

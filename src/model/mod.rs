@@ -8,13 +8,14 @@
 //! towers live in `vision`/`audio`.
 pub mod audio;
 pub mod bench;
-pub mod clippable;
 pub mod cli;
+pub mod clippable;
 pub mod config;
 pub mod gemma4;
 pub mod generate;
 pub mod layers;
 pub mod loader;
+pub mod media;
 pub mod multimodal;
 pub mod testing;
 pub mod text;
