@@ -11,6 +11,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod preprocess;
 pub mod progress;
 pub mod queue;
 pub mod run;

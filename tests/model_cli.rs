@@ -73,8 +73,79 @@ fn model_info_reports_shapes_and_memory() {
     );
 }
 
+fn run_json(extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_percept"))
+        .args([
+            "model",
+            "run",
+            "--model",
+            &fixture_model(),
+            "--max-tokens",
+            "12",
+            "--json",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn input(name: &str) -> String {
+    format!(
+        "{}/tests/fixtures/gemma4/inputs/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// End to end through preprocessing, the towers, placement and the decoder: the greedy
+/// tokens of cases "image", "audio" and "image_audio" of the reference (image budget 70).
 #[test]
-fn media_without_towers_is_a_clear_error() {
+fn model_run_with_media_reproduces_reference_tokens() {
+    let img = input("image.png");
+    let wav = input("audio.wav");
+    let v = run_json(&[
+        "--image",
+        &img,
+        "--max-soft-tokens",
+        "70",
+        "--prompt",
+        "What is in this image?",
+    ]);
+    assert_eq!(v["image_tokens"], 63);
+    assert_eq!(
+        v["output_ids"],
+        serde_json::json!([185, 221, 36, 124, 214, 64, 64, 64, 64, 64, 64, 212])
+    );
+    let v = run_json(&["--audio", &wav, "--prompt", "Transcribe this audio."]);
+    assert_eq!(v["audio_tokens"], 30);
+    assert_eq!(
+        v["output_ids"],
+        serde_json::json!([185, 221, 226, 226, 42, 12, 105, 14, 14, 87, 143, 143])
+    );
+    let v = run_json(&[
+        "--image",
+        &img,
+        "--audio",
+        &wav,
+        "--max-soft-tokens",
+        "70",
+        "--prompt",
+        "Describe the picture and the sound.",
+    ]);
+    assert_eq!(v["input_ids"].as_array().unwrap().len(), 137);
+    assert_eq!(
+        v["output_ids"],
+        serde_json::json!([185, 221, 226, 226, 226, 93, 72, 175, 87, 143, 143, 177])
+    );
+}
+
+#[test]
+fn missing_media_file_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_percept"))
         .args([
             "model",
@@ -89,5 +160,5 @@ fn media_without_towers_is_a_clear_error() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("towers"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.png"));
 }

@@ -69,6 +69,9 @@ pub struct RunArgs {
     /// Prompt tokens per prefill forward.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Image soft-token budget (70, 140, 280, 560 or 1120).
+    #[arg(long, default_value_t = super::media::DEFAULT_IMAGE_SOFT_TOKENS)]
+    pub max_soft_tokens: usize,
     /// Let the model think (`enable_thinking`).
     #[arg(long)]
     pub thinking: bool,
@@ -77,13 +80,28 @@ pub struct RunArgs {
     pub json: bool,
 }
 
-/// Runs a `model` subcommand. `encoder` turns image/audio files into soft tokens (the
-/// vision/audio towers); without one, media inputs are refused.
+/// Runs a `model` subcommand. `encoder` turns image/audio files into soft tokens; `None`
+/// uses the checkpoint's own towers ([`super::media::TowerEncoder`]).
 pub fn run(cmd: ModelCmd, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result<()> {
     match cmd {
         ModelCmd::Info(a) => info(&a),
         ModelCmd::Run(a) => run_prompt(&a, encoder),
     }
+}
+
+/// The device this build targets and its activation dtype: the first CUDA/Metal device with
+/// bf16 activations when built with `cuda`/`metal`, else the CPU with f32.
+pub fn default_device() -> anyhow::Result<(candle_core::Device, candle_core::DType)> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok((candle_core::Device::new_cuda(0)?, candle_core::DType::BF16));
+    }
+    #[cfg(all(feature = "metal", not(feature = "cuda")))]
+    {
+        return Ok((candle_core::Device::new_metal(0)?, candle_core::DType::BF16));
+    }
+    #[allow(unreachable_code)]
+    Ok((candle_core::Device::Cpu, candle_core::DType::F32))
 }
 
 /// Parameter counts by part, from the safetensors headers.
@@ -258,10 +276,12 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
 
 fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    let (device, dtype) = default_device()?;
     let opts = LoadOptions {
+        device,
+        dtype,
         quant: a.quant,
         max_context: a.max_context,
-        ..LoadOptions::default()
     };
     let model = Gemma4::load(&a.model, &opts)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -275,9 +295,8 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
     let mut media = Vec::new();
     let mut content = Vec::new();
     if !a.images.is_empty() || a.audio.is_some() {
-        let enc = encoder.ok_or_else(|| {
-            anyhow::anyhow!("image/audio input needs the vision/audio towers, which this build does not wire in")
-        })?;
+        let own = super::media::TowerEncoder::new(a.max_soft_tokens);
+        let enc: &dyn MediaEncoder = encoder.unwrap_or(&own);
         for p in &a.images {
             let t = enc.encode_image(&model, p)?;
             media.push(MediaItem::Image { tokens: t.dim(0)? });

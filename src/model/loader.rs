@@ -264,8 +264,9 @@ fn download(repo: &str) -> Result<ModelFiles, LoadError> {
 
 #[cfg(feature = "hub")]
 mod hub {
-    //! Downloads through `hf-hub` (blocking API). `HF_ENDPOINT` and `HF_HOME` are read by
-    //! the builder from the environment.
+    //! Downloads through `hf-hub` 1.0 (blocking client). The client reads `HF_ENDPOINT`,
+    //! `HF_TOKEN`, `HF_HUB_CACHE` / `HF_HOME` from the environment and stores files in the
+    //! standard cache layout, so a later offline run finds them.
     use super::*;
 
     pub fn download(repo: &str) -> Result<ModelFiles, LoadError> {
@@ -273,16 +274,18 @@ mod hub {
             repo: repo.into(),
             message: m,
         };
-        let api = hf_hub::api::sync::ApiBuilder::from_env()
-            .build()
-            .map_err(|e| err(e.to_string()))?;
-        let r = api.model(repo.to_string());
-        let config = r.get("config.json").map_err(|e| err(e.to_string()))?;
+        let (owner, name) = repo
+            .split_once('/')
+            .ok_or_else(|| err("expected owner/name".into()))?;
+        let client = hf_hub::HFClientSync::new().map_err(|e| err(e.to_string()))?;
+        let r = client.model(owner, name);
+        let get = |f: &str| r.download_file().filename(f).send();
+        let config = get("config.json").map_err(|e| err(e.to_string()))?;
         let dir = config
             .parent()
             .ok_or_else(|| err("config.json has no parent folder".into()))?
             .to_path_buf();
-        if let Ok(index) = r.get("model.safetensors.index.json") {
+        if let Ok(index) = get("model.safetensors.index.json") {
             let text = std::fs::read_to_string(&index).map_err(|source| LoadError::Io {
                 path: index.clone(),
                 source,
@@ -299,10 +302,10 @@ mod hub {
                 })
                 .unwrap_or_default();
             for f in files {
-                r.get(&f).map_err(|e| err(e.to_string()))?;
+                get(&f).map_err(|e| err(e.to_string()))?;
             }
         } else {
-            r.get("model.safetensors").map_err(|e| err(e.to_string()))?;
+            get("model.safetensors").map_err(|e| err(e.to_string()))?;
         }
         for f in [
             "tokenizer.json",
@@ -311,7 +314,7 @@ mod hub {
             "generation_config.json",
         ] {
             // Optional files: a missing one is not an error.
-            let _ = r.get(f);
+            let _ = get(f);
         }
         ModelFiles::from_dir(&dir)
     }

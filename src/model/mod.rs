@@ -6,17 +6,21 @@
 //! runs batched prefill/decode with sampling. [`tokenizer`] renders the chat template and
 //! expands media placeholders; [`gemma4`] bundles a loaded checkpoint. The vision/audio
 //! towers live in `vision`/`audio`.
+pub mod audio;
 pub mod bench;
 pub mod cli;
+pub mod clippable;
 pub mod config;
 pub mod gemma4;
 pub mod generate;
 pub mod layers;
 pub mod loader;
+pub mod media;
 pub mod multimodal;
 pub mod testing;
 pub mod text;
 pub mod tokenizer;
+pub mod vision;
 
 pub use gemma4::Gemma4;
 pub use layers::Quant;
