@@ -333,3 +333,96 @@ impl Mlp {
         self.down.forward(&(g * self.up.forward(x)?)?)
     }
 }
+
+/// [`super::multimodal::MediaEncoder`] over the towers of a loaded checkpoint: decodes the
+/// file, preprocesses it like the reference processor and runs the tower + embedder.
+/// Towers are loaded from `model.weights` on first use and kept.
+#[derive(Debug)]
+pub struct TowerEncoder {
+    /// Image soft-token budget (70, 140, 280, 560 or 1120).
+    pub image_budget: usize,
+    vision: std::sync::OnceLock<VisionTower>,
+    audio: std::sync::OnceLock<super::audio::AudioTower>,
+}
+
+impl Default for TowerEncoder {
+    fn default() -> Self {
+        Self::new(crate::preprocess::image::DEFAULT_SOFT_TOKENS)
+    }
+}
+
+impl TowerEncoder {
+    pub fn new(image_budget: usize) -> Self {
+        Self {
+            image_budget,
+            vision: std::sync::OnceLock::new(),
+            audio: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn vision(&self, model: &super::Gemma4) -> Result<&VisionTower, ModelError> {
+        if let Some(v) = self.vision.get() {
+            return Ok(v);
+        }
+        let cfg = model.config.vision_config.as_ref().ok_or_else(|| {
+            ModelError::Request("this checkpoint has no vision tower (vision_config)".into())
+        })?;
+        let v = VisionTower::load(&model.weights, cfg, model.config.text_config.hidden_size)?;
+        Ok(self.vision.get_or_init(|| v))
+    }
+
+    fn audio(&self, model: &super::Gemma4) -> Result<&super::audio::AudioTower, ModelError> {
+        if let Some(a) = self.audio.get() {
+            return Ok(a);
+        }
+        let cfg = model.config.audio_config.as_ref().ok_or_else(|| {
+            ModelError::Request("this checkpoint has no audio tower (audio_config)".into())
+        })?;
+        let a = super::audio::AudioTower::load(
+            &model.weights,
+            cfg,
+            model.config.text_config.hidden_size,
+        )?;
+        Ok(self.audio.get_or_init(|| a))
+    }
+}
+
+fn prep_err(e: crate::preprocess::PreprocessError) -> ModelError {
+    ModelError::Request(e.to_string())
+}
+
+impl super::multimodal::MediaEncoder for TowerEncoder {
+    fn encode_image(
+        &self,
+        model: &super::Gemma4,
+        path: &std::path::Path,
+    ) -> Result<Tensor, ModelError> {
+        let img = crate::preprocess::image::load_rgb(path).map_err(prep_err)?;
+        let inp =
+            crate::preprocess::image::preprocess(&img, self.image_budget).map_err(prep_err)?;
+        self.vision(model)?.encode(&inp)
+    }
+
+    /// Audio longer than 30 s is split into clips; their soft tokens are concatenated in
+    /// order (the prompt then needs one placeholder per row).
+    fn encode_audio(
+        &self,
+        model: &super::Gemma4,
+        path: &std::path::Path,
+    ) -> Result<Tensor, ModelError> {
+        let samples = crate::preprocess::wav::load_mono_16k(path).map_err(prep_err)?;
+        let clips = crate::preprocess::mel::MelExtractor::new().extract_clips(&samples);
+        if clips.is_empty() {
+            return Err(ModelError::Request(format!(
+                "{}: no audio samples",
+                path.display()
+            )));
+        }
+        let tower = self.audio(model)?;
+        let outs = clips
+            .iter()
+            .map(|c| tower.encode(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}
