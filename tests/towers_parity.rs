@@ -208,3 +208,27 @@ fn audio_end_to_end_from_wav_matches_reference_soft_tokens() {
     eprintln!("audio wav->soft tokens diff {d}");
     assert!(d < 1e-3, "diff {d}");
 }
+
+#[test]
+fn media_encoder_from_files_matches_reference_soft_tokens() {
+    use percept::model::multimodal::MediaEncoder;
+    use percept::model::text::LoadOptions;
+    use percept::model::media::TowerEncoder;
+    let e = expected();
+    let model =
+        percept::model::Gemma4::load_dir(&dir().join("model"), &LoadOptions::default()).unwrap();
+    let enc = TowerEncoder::new(70);
+    let img = enc
+        .encode_image(&model, &dir().join("inputs/image.png"))
+        .unwrap();
+    let d_img = max_abs(&img, &e["image.image_soft_tokens"]);
+    let aud = enc
+        .encode_audio(&model, &dir().join("inputs/audio.wav"))
+        .unwrap();
+    let d_aud = max_abs(&aud, &e["audio.audio_soft_tokens"]);
+    eprintln!("encoder: image diff {d_img}, audio diff {d_aud}");
+    assert!(d_img < TOWER_TOL && d_aud < 1e-3);
+    assert!(enc
+        .encode_image(&model, &dir().join("inputs/missing.png"))
+        .is_err());
+}

@@ -238,7 +238,8 @@ impl AudioTower {
             x = x.broadcast_mul(&mt)?;
             x = x.conv2d(&s.conv, 1, 2, 1, 1)?;
             // LayerNorm over channels (weight, no bias), then ReLU.
-            let xc = x.permute((0, 2, 3, 1))?;
+            // Contiguous channels-last: reductions over a strided last dim are slow in candle.
+            let xc = x.permute((0, 2, 3, 1))?.contiguous()?;
             let mean = xc.mean_keepdim(D::Minus1)?;
             let xc = xc.broadcast_sub(&mean)?;
             let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
