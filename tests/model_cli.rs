@@ -95,7 +95,10 @@ fn run_json(extra: &[&str]) -> serde_json::Value {
 
 /// The 12 greedy tokens transformers 5.24.0 produced for `case` (cases.json of the fixture).
 fn reference_tokens(case: &str) -> serde_json::Value {
-    let path = format!("{}/tests/fixtures/gemma4/cases.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/fixtures/gemma4/cases.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let case = cases["cases"]
@@ -129,16 +132,10 @@ fn model_run_with_media_reproduces_reference_tokens() {
         "What is in this image?",
     ]);
     assert_eq!(v["image_tokens"], 63);
-    assert_eq!(
-        v["output_ids"],
-        reference_tokens("image")
-    );
+    assert_eq!(v["output_ids"], reference_tokens("image"));
     let v = run_json(&["--audio", &wav, "--prompt", "Transcribe this audio."]);
     assert_eq!(v["audio_tokens"], 30);
-    assert_eq!(
-        v["output_ids"],
-        reference_tokens("audio")
-    );
+    assert_eq!(v["output_ids"], reference_tokens("audio"));
     let v = run_json(&[
         "--image",
         &img,
@@ -150,10 +147,7 @@ fn model_run_with_media_reproduces_reference_tokens() {
         "Describe the picture and the sound.",
     ]);
     assert_eq!(v["input_ids"].as_array().unwrap().len(), 137);
-    assert_eq!(
-        v["output_ids"],
-        reference_tokens("image_audio")
-    );
+    assert_eq!(v["output_ids"], reference_tokens("image_audio"));
 }
 
 #[test]

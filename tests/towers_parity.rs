@@ -211,9 +211,9 @@ fn audio_end_to_end_from_wav_matches_reference_soft_tokens() {
 
 #[test]
 fn media_encoder_from_files_matches_reference_soft_tokens() {
+    use percept::model::media::TowerEncoder;
     use percept::model::multimodal::MediaEncoder;
     use percept::model::text::LoadOptions;
-    use percept::model::media::TowerEncoder;
     let e = expected();
     let model =
         percept::model::Gemma4::load_dir(&dir().join("model"), &LoadOptions::default()).unwrap();

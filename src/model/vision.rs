@@ -183,7 +183,7 @@ impl VisionTower {
         let n = positions.len();
         let (rows, _) = pixel_values.dims2()?;
         let k = self.cfg.pooling_kernel_size;
-        if rows != n || n == 0 || n % (k * k) != 0 {
+        if rows != n || n == 0 || !n.is_multiple_of(k * k) {
             return Err(ModelError::Request(format!(
                 "vision: {rows} patch rows, {n} positions (need equal, a multiple of {})",
                 k * k
