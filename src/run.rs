@@ -256,12 +256,10 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
     let progress = progress::Progress::start(&feeds, &cfg.sources);
     // Wait for all sources; a stop request makes each supervisor return promptly.
     let mut states = Vec::new();
-    let mut stop_seen_at: Option<Instant> = None;
     for (spec, h) in handles {
         while !h.is_finished() {
             if stop.load(Ordering::Relaxed) {
                 queue_stop.store(true, Ordering::Relaxed);
-                stop_seen_at.get_or_insert_with(Instant::now);
             }
             std::thread::sleep(Duration::from_millis(20));
         }

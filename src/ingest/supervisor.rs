@@ -189,7 +189,8 @@ impl Supervisor {
                         Outcome::Eos => "end of stream".to_string(),
                         Outcome::Stalled(s) => format!("no data for {s:.1} s"),
                         Outcome::Error { message, .. } => message.clone(),
-                        Outcome::Stopped => unreachable_reason(),
+                        // Handled by the first arm; kept for exhaustiveness.
+                        Outcome::Stopped => "stopped".to_string(),
                     };
                     if outage_from.is_none() {
                         outage_from = self.feed.last_media_end().or(Some(offset));
@@ -341,10 +342,6 @@ impl Supervisor {
             }
         }
     }
-}
-
-fn unreachable_reason() -> String {
-    "stopped".into()
 }
 
 /// Problems with a local file that GStreamer would report vaguely.
