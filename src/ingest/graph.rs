@@ -464,16 +464,31 @@ fn route(pad: &gst::Pad, parent: &gst::Bin, session: &Arc<Session>) {
     }
 }
 
-fn add_and_link(parent: &gst::Bin, pad: &gst::Pad, element: &gst::Element) -> Result<(), String> {
-    parent.add(element).map_err(|e| e.to_string())?;
+/// Add `element` (an element or a branch bin) to `parent`, link `pad` to its sink pad and
+/// start it with the rest of the graph.
+fn add_and_link(
+    parent: &gst::Bin,
+    pad: &gst::Pad,
+    element: &impl IsA<gst::Element>,
+) -> Result<(), String> {
     let sink = element
         .static_pad("sink")
         .ok_or_else(|| "element without sink pad".to_string())?;
+    parent.add(element).map_err(|e| e.to_string())?;
     pad.link(&sink).map_err(|e| format!("{e:?}"))?;
     element
         .sync_state_with_parent()
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Pull the sample an appsink offers, unless this connection has been torn down.
+fn pull_live(sink: &gst_app::AppSink, session: &Session) -> Result<gst::Sample, gst::FlowError> {
+    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Flushing)?;
+    if !session.alive.load(Ordering::Acquire) {
+        return Err(gst::FlowError::Flushing);
+    }
+    Ok(sample)
 }
 
 fn link_fakesink(pad: &gst::Pad, parent: &gst::Bin) -> Result<(), String> {
@@ -610,9 +625,6 @@ fn link_video_branch(
             .build(),
     );
     // The sampler sits before scaling and conversion: only kept frames cost anything more.
-    let sink_pad = bin
-        .static_pad("sink")
-        .ok_or("video branch has no sink pad")?;
     let probe_pad = bin
         .by_name("vscale")
         .and_then(|e| e.static_pad("sink"))
@@ -646,20 +658,14 @@ fn link_video_branch(
             drop_buffer(info)
         }
     });
-    parent.add(&bin).map_err(|e| e.to_string())?;
-    pad.link(&sink_pad).map_err(|e| format!("{e:?}"))?;
-    bin.sync_state_with_parent().map_err(|e| e.to_string())?;
-    Ok(())
+    add_and_link(parent, pad, &bin)
 }
 
 fn on_video_sample(
     sink: &gst_app::AppSink,
     session: &Session,
 ) -> Result<gst::FlowSuccess, gst::FlowError> {
-    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Flushing)?;
-    if !session.alive.load(Ordering::Acquire) {
-        return Err(gst::FlowError::Flushing);
-    }
+    let sample = pull_live(sink, session)?;
     let buffer = sample.buffer().ok_or(gst::FlowError::Error)?;
     let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
     let info = gst_video::VideoInfo::from_caps(caps).map_err(|_| gst::FlowError::NotNegotiated)?;
@@ -714,23 +720,14 @@ fn link_audio_branch(
             })
             .build(),
     );
-    let sink_pad = bin
-        .static_pad("sink")
-        .ok_or("audio branch has no sink pad")?;
-    parent.add(&bin).map_err(|e| e.to_string())?;
-    pad.link(&sink_pad).map_err(|e| format!("{e:?}"))?;
-    bin.sync_state_with_parent().map_err(|e| e.to_string())?;
-    Ok(())
+    add_and_link(parent, pad, &bin)
 }
 
 fn on_audio_sample(
     sink: &gst_app::AppSink,
     session: &Session,
 ) -> Result<gst::FlowSuccess, gst::FlowError> {
-    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Flushing)?;
-    if !session.alive.load(Ordering::Acquire) {
-        return Err(gst::FlowError::Flushing);
-    }
+    let sample = pull_live(sink, session)?;
     let buffer = sample.buffer().ok_or(gst::FlowError::Error)?;
     let t = sample
         .segment()
