@@ -96,11 +96,70 @@ pub enum Body {
         attempt: Option<u32>,
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_in: Option<f64>,
+        /// The real-time governor's view of the source, when a model serves it.
+        #[serde(skip_serializing_if = "Option::is_none", flatten)]
+        governor: Option<GovernorState>,
     },
+    /// What the model says about the scene (one frame, or a window of frames sent as video).
+    Description {
+        text: String,
+        frames: u32,
+        soft_tokens: u32,
+        model_ms: f64,
+    },
+    /// A `watch` question answered positively.
+    Alert {
+        question: String,
+        answer: String,
+        confidence: f64,
+        evidence: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        snapshot: Option<String>,
+    },
+    /// Live speech-to-text: `partial` while the words may still change, then `final`.
+    Caption {
+        text: String,
+        status: CaptionStatus,
+    },
+    /// Recording transcription (one window).
+    Transcript { text: String },
+    /// What was seen and heard together (`listen-and-look`).
+    Scene {
+        text: String,
+        audio_seconds: f64,
+    },
+    /// A text summary (the `summarize` task), kind `summary` like the per-source
+    /// statistics; it is told apart by `text`.
+    #[serde(rename = "summary")]
+    TextSummary { text: String },
     Error {
         message: String,
     },
     Summary(Summary),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptionStatus {
+    Partial,
+    Final,
+}
+
+/// Governor figures carried by `state` events (and exported as metrics).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct GovernorState {
+    /// Media seconds between the newest input and the newest model result.
+    pub lag_seconds: f64,
+    /// Frames per second reaching the model.
+    pub effective_fps: f64,
+    /// Model seconds per media second, per modality (below 1: faster than real time).
+    pub rtf_video: f64,
+    pub rtf_audio: f64,
+    /// Degradation step, 0 = full quality.
+    pub level: u8,
+    /// Image soft-token budget at this level.
+    pub soft_tokens: u32,
+    pub audio_voice_only: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -139,7 +198,12 @@ impl Event {
             Body::Gap { .. } => "gap",
             Body::State { .. } => "state",
             Body::Error { .. } => "error",
-            Body::Summary(_) => "summary",
+            Body::Summary(_) | Body::TextSummary { .. } => "summary",
+            Body::Description { .. } => "description",
+            Body::Alert { .. } => "alert",
+            Body::Caption { .. } => "caption",
+            Body::Transcript { .. } => "transcript",
+            Body::Scene { .. } => "scene",
         }
     }
 }

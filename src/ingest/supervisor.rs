@@ -93,6 +93,7 @@ impl Supervisor {
                 reason,
                 attempt,
                 retry_in,
+                governor: None,
             },
         );
     }
