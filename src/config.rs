@@ -22,6 +22,12 @@ pub struct Config {
     pub watchdog: WatchdogConfig,
     pub analysis: AnalysisConfig,
     pub http: HttpConfig,
+    pub model: ModelConfig,
+    pub governor: GovernorConfig,
+    pub tasks: TaskPrompts,
+    pub captions: CaptionConfig,
+    pub alerts: AlertConfig,
+    pub mqtt: MqttConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -67,6 +73,298 @@ pub struct SourceConfig {
     pub password: Option<String>,
     /// Name of an environment variable that holds the RTSP password.
     pub password_env: Option<String>,
+    /// What the model does with this source (default `describe`; `none` = signals only).
+    #[serde(default)]
+    pub task: TaskKind,
+    /// `watch` questions about the scene, each answered per analysed frame.
+    #[serde(default)]
+    pub questions: Vec<String>,
+    /// Replaces the task's default prompt for this source.
+    #[serde(default)]
+    pub prompt: Option<String>,
+}
+
+impl SourceConfig {
+    /// A source given only by URI (a `--source` flag), with default settings.
+    pub fn from_uri(uri: &str) -> SourceConfig {
+        SourceConfig {
+            name: None,
+            uri: uri.to_string(),
+            fps: None,
+            transport: None,
+            template: None,
+            user: None,
+            password: None,
+            password_env: None,
+            task: TaskKind::default(),
+            questions: Vec::new(),
+            prompt: None,
+        }
+    }
+}
+
+/// What the model does with a source.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    /// Signal analysis only; the model is never asked.
+    None,
+    /// Answer `questions` about the scene; positive answers become alerts.
+    Watch,
+    /// Describe the scene per analysed frame (or window of frames).
+    #[default]
+    Describe,
+    /// Live captions from speech.
+    Caption,
+    /// The latest frame and the audio window in one request.
+    ListenAndLook,
+    /// Transcribe a recording window by window.
+    Transcribe,
+    /// Transcribe, then summarize the whole recording at its end.
+    Summarize,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::None => "none",
+            TaskKind::Watch => "watch",
+            TaskKind::Describe => "describe",
+            TaskKind::Caption => "caption",
+            TaskKind::ListenAndLook => "listen-and-look",
+            TaskKind::Transcribe => "transcribe",
+            TaskKind::Summarize => "summarize",
+        }
+    }
+
+    pub fn uses_video(self) -> bool {
+        matches!(
+            self,
+            TaskKind::Watch | TaskKind::Describe | TaskKind::ListenAndLook
+        )
+    }
+
+    pub fn uses_audio(self) -> bool {
+        matches!(
+            self,
+            TaskKind::Caption
+                | TaskKind::ListenAndLook
+                | TaskKind::Transcribe
+                | TaskKind::Summarize
+        )
+    }
+}
+
+/// The model shared by every source.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Hub id or local folder (Hugging Face layout).
+    pub id: String,
+    /// false: signal analysis only, the model is never loaded.
+    pub enabled: bool,
+    /// f32 | f16 | bf16 | q8_0 | q4k
+    pub quant: String,
+    /// Token budget per answer.
+    pub max_tokens: usize,
+    /// Longest prompt + answer per request, in tokens.
+    pub context: usize,
+    /// Prompt rows per request per prefill forward.
+    pub prefill_chunk: usize,
+    /// Most requests in one batched step (across sources).
+    pub max_batch: usize,
+    /// Artificial delay per batched step in milliseconds: for governor tests and demos.
+    pub delay_ms: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            id: "google/gemma-4-E2B-it".into(),
+            enabled: true,
+            quant: "q8_0".into(),
+            max_tokens: 96,
+            context: 4096,
+            prefill_chunk: 512,
+            max_batch: 4,
+            delay_ms: 0,
+        }
+    }
+}
+
+/// The real-time governor: how far the model may fall behind and how it degrades.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GovernorConfig {
+    /// Lag (media seconds between the newest input and the newest result) that triggers a
+    /// degradation step.
+    pub max_lag_seconds: f64,
+    /// Lag below which, held for `recover_seconds`, quality steps back up.
+    pub recover_lag_seconds: f64,
+    pub recover_seconds: f64,
+    /// Image soft-token budget at full quality (280, 140 or 70 below it).
+    pub soft_tokens: u32,
+    /// A frame reaches the model at least this often even when nothing moves.
+    pub heartbeat_seconds: f64,
+    /// Audio chunk level (dBFS) that counts as a loud event and triggers a visual look.
+    pub loud_dbfs: f64,
+}
+
+impl Default for GovernorConfig {
+    fn default() -> Self {
+        GovernorConfig {
+            max_lag_seconds: 4.0,
+            recover_lag_seconds: 1.5,
+            recover_seconds: 10.0,
+            soft_tokens: 280,
+            heartbeat_seconds: 10.0,
+            loud_dbfs: -12.0,
+        }
+    }
+}
+
+/// Default prompts per task; `config/prompts.toml` is the compiled-in default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskPrompts {
+    pub describe: String,
+    pub describe_video: String,
+    pub watch: String,
+    pub caption: String,
+    pub listen_and_look: String,
+    pub transcribe: String,
+    pub summarize: String,
+}
+
+pub const DEFAULT_PROMPTS_TOML: &str = include_str!("../config/prompts.toml");
+
+impl Default for TaskPrompts {
+    fn default() -> Self {
+        #[derive(Deserialize)]
+        struct File {
+            tasks: TaskPromptsRaw,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct TaskPromptsRaw {
+            describe: String,
+            describe_video: String,
+            watch: String,
+            caption: String,
+            listen_and_look: String,
+            transcribe: String,
+            summarize: String,
+        }
+        // The file is compiled in and checked by a unit test; an empty prompt is the
+        // fallback that test would catch.
+        let t = toml::from_str::<File>(DEFAULT_PROMPTS_TOML)
+            .map(|f| f.tasks)
+            .unwrap_or(TaskPromptsRaw {
+                describe: String::new(),
+                describe_video: String::new(),
+                watch: String::new(),
+                caption: String::new(),
+                listen_and_look: String::new(),
+                transcribe: String::new(),
+                summarize: String::new(),
+            });
+        TaskPrompts {
+            describe: t.describe,
+            describe_video: t.describe_video,
+            watch: t.watch,
+            caption: t.caption,
+            listen_and_look: t.listen_and_look,
+            transcribe: t.transcribe,
+            summarize: t.summarize,
+        }
+    }
+}
+
+/// Live captions: how audio is windowed and where subtitle files go.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptionConfig {
+    /// Folder for `<source>.vtt` and `<source>.srt`; empty = no files.
+    pub dir: String,
+    /// Longest audio window sent to the model (Gemma 4 hears at most 30 s).
+    pub max_window_seconds: f64,
+    /// Audio shared by consecutive windows so words cut at an edge are heard whole.
+    pub overlap_seconds: f64,
+    /// Non-voice time that ends a window (a pause).
+    pub pause_seconds: f64,
+    /// While speech goes on, a partial caption at least this often.
+    pub partial_every_seconds: f64,
+}
+
+impl Default for CaptionConfig {
+    fn default() -> Self {
+        CaptionConfig {
+            dir: "captions".into(),
+            max_window_seconds: 30.0,
+            overlap_seconds: 2.0,
+            pause_seconds: 0.6,
+            partial_every_seconds: 2.0,
+        }
+    }
+}
+
+/// Alerts from `watch` answers.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertConfig {
+    /// Folder for JPEG snapshots of alerting frames; empty = no snapshots.
+    pub snapshot_dir: String,
+    /// URLs that receive each alert as a JSON POST.
+    pub webhooks: Vec<String>,
+    /// Attempts per webhook delivery (with backoff) before it is reported as an error.
+    pub webhook_attempts: u32,
+    /// Smallest confidence that makes a "yes" an alert.
+    pub min_confidence: f64,
+}
+
+impl Default for AlertConfig {
+    fn default() -> Self {
+        AlertConfig {
+            snapshot_dir: "snapshots".into(),
+            webhooks: Vec::new(),
+            webhook_attempts: 3,
+            min_confidence: 0.5,
+        }
+    }
+}
+
+/// Publishing events to an MQTT broker as `<topic_prefix>/<source>/<kind>`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    pub topic_prefix: String,
+    pub client_id: String,
+    /// 0 (at most once) or 1 (at least once).
+    pub qos: u8,
+    pub user: Option<String>,
+    /// Name of an environment variable that holds the broker password.
+    pub password_env: Option<String>,
+    /// Event kinds published; empty = all.
+    pub kinds: Vec<String>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            enabled: false,
+            host: "127.0.0.1".into(),
+            port: 1883,
+            topic_prefix: "percept".into(),
+            client_id: "percept".into(),
+            qos: 1,
+            user: None,
+            password_env: None,
+            kinds: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -268,6 +566,12 @@ impl Config {
                 "watchdog" => section(value, &mut cfg.watchdog),
                 "analysis" => section(value, &mut cfg.analysis),
                 "http" => section(value, &mut cfg.http),
+                "model" => section(value, &mut cfg.model),
+                "governor" => section(value, &mut cfg.governor),
+                "tasks" => section(value, &mut cfg.tasks),
+                "captions" => section(value, &mut cfg.captions),
+                "alerts" => section(value, &mut cfg.alerts),
+                "mqtt" => section(value, &mut cfg.mqtt),
                 "source" => match value {
                     toml::Value::Array(items) => {
                         for (i, item) in items.into_iter().enumerate() {
@@ -396,6 +700,51 @@ impl Config {
                 self.http.listen
             ),
         );
+        check(
+            ["f32", "f16", "bf16", "q8_0", "q4k"].contains(&self.model.quant.as_str()),
+            format!(
+                "[model] quant must be f32, f16, bf16, q8_0 or q4k, got '{}'",
+                self.model.quant
+            ),
+        );
+        check(
+            self.model.max_batch >= 1 && self.model.max_tokens >= 1,
+            "[model] max_batch and max_tokens must be at least 1".into(),
+        );
+        check(
+            [70, 140, 280, 560, 1120].contains(&self.governor.soft_tokens),
+            format!(
+                "[governor] soft_tokens must be 70, 140, 280, 560 or 1120, got {}",
+                self.governor.soft_tokens
+            ),
+        );
+        check(
+            self.governor.max_lag_seconds > self.governor.recover_lag_seconds
+                && self.governor.recover_lag_seconds >= 0.0,
+            "[governor] need max_lag_seconds > recover_lag_seconds >= 0".into(),
+        );
+        let c = &self.captions;
+        check(
+            c.max_window_seconds > 0.0 && c.max_window_seconds <= 30.0,
+            format!(
+                "[captions] max_window_seconds must be in (0, 30] (the audio tower hears 30 s), got {}",
+                c.max_window_seconds
+            ),
+        );
+        check(
+            c.overlap_seconds >= 0.0 && c.overlap_seconds < c.max_window_seconds / 2.0,
+            "[captions] overlap_seconds must be >= 0 and under half of max_window_seconds".into(),
+        );
+        check(
+            self.mqtt.qos <= 1,
+            format!("[mqtt] qos must be 0 or 1, got {}", self.mqtt.qos),
+        );
+        for w in &self.alerts.webhooks {
+            check(
+                w.starts_with("http://") || w.starts_with("https://"),
+                format!("[alerts] webhook '{w}' must be an http:// or https:// URL"),
+            );
+        }
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.sources.iter().enumerate() {
             let at = format!(
@@ -431,6 +780,9 @@ impl Config {
                     p.push(format!("{at}: template {} does not exist", t.display()));
                 }
             }
+            if s.task == TaskKind::Watch && s.questions.is_empty() {
+                p.push(format!("{at}: task 'watch' needs at least one question"));
+            }
             if s.password.is_some() && s.password_env.is_some() {
                 p.push(format!("{at}: give password or password_env, not both"));
             }
@@ -455,6 +807,19 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert!(Config::default().validate().is_empty());
+        let p = TaskPrompts::default();
+        for text in [
+            &p.describe,
+            &p.describe_video,
+            &p.watch,
+            &p.caption,
+            &p.listen_and_look,
+            &p.transcribe,
+            &p.summarize,
+        ] {
+            assert!(!text.trim().is_empty(), "config/prompts.toml lost a prompt");
+        }
+        assert!(p.watch.contains("{questions}"));
     }
 
     #[test]

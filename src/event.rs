@@ -122,7 +122,9 @@ pub enum Body {
         status: CaptionStatus,
     },
     /// Recording transcription (one window).
-    Transcript { text: String },
+    Transcript {
+        text: String,
+    },
     /// What was seen and heard together (`listen-and-look`).
     Scene {
         text: String,
@@ -131,7 +133,9 @@ pub enum Body {
     /// A text summary (the `summarize` task), kind `summary` like the per-source
     /// statistics; it is told apart by `text`.
     #[serde(rename = "summary")]
-    TextSummary { text: String },
+    TextSummary {
+        text: String,
+    },
     Error {
         message: String,
     },

@@ -6,6 +6,7 @@
 //! [`http`] / [`metrics`]. The Gemma 4 model lives in [`model`].
 
 pub mod config;
+pub mod control;
 pub mod event;
 pub mod http;
 pub mod ingest;

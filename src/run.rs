@@ -67,16 +67,7 @@ pub fn merge(mut cfg: Config, o: &Overrides) -> Config {
         cfg.sources = o
             .sources
             .iter()
-            .map(|s| SourceConfig {
-                name: None,
-                uri: s.clone(),
-                fps: None,
-                transport: None,
-                template: None,
-                user: None,
-                password: None,
-                password_env: None,
-            })
+            .map(|s| SourceConfig::from_uri(s))
             .collect();
     }
     if let Some(f) = o.fps {
