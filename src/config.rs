@@ -104,7 +104,9 @@ impl SourceConfig {
 }
 
 /// What the model does with a source.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum TaskKind {
     /// Signal analysis only; the model is never asked.

@@ -138,6 +138,9 @@ pub enum Body {
     },
     Error {
         message: String,
+        /// Untrusted model output that caused the error, verbatim (JSON-escaped).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        raw: Option<String>,
     },
     Summary(Summary),
 }

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod control;
+pub mod engine;
 pub mod event;
 pub mod http;
 pub mod ingest;
@@ -19,5 +20,6 @@ pub mod run;
 pub mod signal;
 pub mod sink;
 pub mod source;
+pub mod tasks;
 pub mod testsrc;
 pub mod worker;

@@ -62,6 +62,19 @@ struct RunArgs {
     /// Do not serve HTTP.
     #[arg(long)]
     no_http: bool,
+    /// The Gemma 4 model: a hub id (google/gemma-4-E2B-it) or a local folder.
+    #[arg(long, value_name = "MODEL")]
+    model: Option<String>,
+    /// Signal analysis only: never load the model.
+    #[arg(long)]
+    no_model: bool,
+    /// Task for the --source sources: none, watch, describe, caption, listen-and-look,
+    /// transcribe, summarize.
+    #[arg(long, value_enum)]
+    task: Option<percept::config::TaskKind>,
+    /// A `watch` question (repeat for several).
+    #[arg(long = "question", value_name = "TEXT")]
+    questions: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -169,15 +182,22 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         listen: args.listen,
         realtime: args.realtime,
         no_http: args.no_http,
+        model: args.model,
+        no_model: args.no_model,
+        task: args.task,
+        questions: args.questions,
+        config_path: args.config.clone(),
     };
     let cfg = run::merge(cfg, &overrides);
     let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone());
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while draining exits at once.
         let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone());
         let _ = signal_hook::flag::register(sig, stop.clone());
     }
-    match run::run(&cfg, stop) {
+    match run::run(&cfg, &overrides, stop, reload) {
         Ok(report) => {
             for f in &report.failures {
                 eprintln!("percept: {f}");

@@ -28,6 +28,139 @@ pub struct Metrics {
     pub gap_seconds: prometheus::CounterVec,
     pub keyframe_only: IntGaugeVec,
     pub level_dbfs: GaugeVec,
+    pub model: ModelMetrics,
+}
+
+/// The shared model and the governor of each source it serves.
+pub struct ModelMetrics {
+    /// 1 once the model answers; 0 while loading, disabled or unavailable.
+    pub ready: IntGauge,
+    /// 1 when the model cannot be had (signal analysis only).
+    pub unavailable: IntGauge,
+    pub requests: IntCounterVec,
+    pub errors: IntCounterVec,
+    /// Media not sent to the model, by reason (gated, superseded, unavailable...).
+    pub skipped: IntCounterVec,
+    pub batch_size: prometheus::Histogram,
+    pub step_seconds: prometheus::Histogram,
+    /// Wall time from capture to the model's answer.
+    pub latency: HistogramVec,
+    pub tokens: IntCounterVec,
+    pub lag_seconds: GaugeVec,
+    pub effective_fps: GaugeVec,
+    pub rtf: GaugeVec,
+    pub governor_level: IntGaugeVec,
+    pub soft_tokens: IntGaugeVec,
+}
+
+fn fgauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Histogram {
+    let h = prometheus::Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl ModelMetrics {
+    #[allow(clippy::expect_used)]
+    fn new(r: &Registry) -> ModelMetrics {
+        let ready = IntGauge::new("model_ready", "1 once the model answers").expect("valid metric");
+        r.register(Box::new(ready.clone())).expect("unique metric");
+        let unavailable = IntGauge::new(
+            "model_unavailable",
+            "1 when the model cannot be loaded (signal analysis only)",
+        )
+        .expect("valid metric");
+        r.register(Box::new(unavailable.clone()))
+            .expect("unique metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "model_latency_seconds",
+                "Wall time from capture to the model's answer",
+            )
+            .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0]),
+            &["source", "task"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(latency.clone()))
+            .expect("unique metric");
+        ModelMetrics {
+            ready,
+            unavailable,
+            requests: counter(
+                r,
+                "model_requests_total",
+                "Requests answered by the model",
+                &["source", "task"],
+            ),
+            errors: counter(
+                r,
+                "model_errors_total",
+                "Requests that failed or gave invalid answers",
+                &["source", "task"],
+            ),
+            skipped: counter(
+                r,
+                "model_skipped_total",
+                "Media not sent to the model, by reason",
+                &["source", "reason"],
+            ),
+            batch_size: histogram(
+                r,
+                "model_batch_size",
+                "Requests per batched model step (across sources)",
+                vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0],
+            ),
+            step_seconds: histogram(
+                r,
+                "model_step_seconds",
+                "Wall time of one batched model step",
+                vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
+            latency,
+            tokens: counter(
+                r,
+                "model_tokens_total",
+                "Prompt and generated tokens",
+                &["kind"],
+            ),
+            lag_seconds: fgauge(
+                r,
+                "lag_seconds",
+                "Media seconds between the newest input and the newest model result",
+                &["source"],
+            ),
+            effective_fps: fgauge(
+                r,
+                "effective_fps",
+                "Frames per second reaching the model",
+                &["source"],
+            ),
+            rtf: fgauge(
+                r,
+                "model_rtf",
+                "Model seconds per media second, by modality",
+                &["source", "media"],
+            ),
+            governor_level: gauge(
+                r,
+                "governor_level",
+                "Degradation step of the real-time governor (0 = full quality)",
+                &["source"],
+            ),
+            soft_tokens: gauge(
+                r,
+                "image_soft_tokens",
+                "Image soft-token budget in use",
+                &["source"],
+            ),
+        }
+    }
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -161,6 +294,7 @@ impl Metrics {
                 &["source"],
             ),
             level_dbfs: level,
+            model: ModelMetrics::new(&r),
             registry: r,
         }
     }

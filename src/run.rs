@@ -1,11 +1,17 @@
 //! `percept run`: wires sources, queues, the worker, sinks and the HTTP server together, and
 //! shuts them down in order on EOS, Ctrl-C or SIGTERM.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, SourceConfig};
+use crossbeam_channel::Sender;
+
+use crate::config::{Config, SourceConfig, TaskKind};
+use crate::control::{AddSource, ControlApi, ControlError, LiveBoard, SourceInfo, TaskUpdate};
+use crate::engine::Engine;
 use crate::event::{Body, SourceState, Summary};
 use crate::http;
 use crate::ingest::graph::GraphParams;
@@ -16,6 +22,8 @@ use crate::progress;
 use crate::queue::{self, ByteBudget, WhenFull};
 use crate::sink::Events;
 use crate::source::{self, Credentials, SourceKind, SourceSpec};
+use crate::tasks::dispatch::{Dispatch, ModelGate};
+use crate::tasks::{SourceTask, TaskEnv, TaskSpec};
 use crate::worker::{Control, Worker, WorkerSource};
 
 /// Command-line values that override the config file.
@@ -27,6 +35,15 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub realtime: bool,
     pub no_http: bool,
+    /// `--model`: hub id or folder.
+    pub model: Option<String>,
+    /// `--no-model`: signal analysis only.
+    pub no_model: bool,
+    /// `--task` / `--question` for the `--source` sources.
+    pub task: Option<TaskKind>,
+    pub questions: Vec<String>,
+    /// The config file, re-read on SIGHUP / `POST /v1/reload`.
+    pub config_path: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +84,21 @@ pub fn merge(mut cfg: Config, o: &Overrides) -> Config {
         cfg.sources = o
             .sources
             .iter()
-            .map(|s| SourceConfig::from_uri(s))
+            .map(|s| {
+                let mut sc = SourceConfig::from_uri(s);
+                if let Some(t) = o.task {
+                    sc.task = t;
+                }
+                sc.questions = o.questions.clone();
+                sc
+            })
             .collect();
+    }
+    if let Some(m) = &o.model {
+        cfg.model.id = m.clone();
+    }
+    if o.no_model {
+        cfg.model.enabled = false;
     }
     if let Some(f) = o.fps {
         cfg.run.fps = f;
@@ -91,11 +121,24 @@ pub fn merge(mut cfg: Config, o: &Overrides) -> Config {
 struct Prepared {
     spec: SourceSpec,
     params: GraphParams,
+    source: SourceConfig,
 }
 
 fn prepare(cfg: &Config) -> Result<Vec<Prepared>, RunError> {
     let mut out = Vec::new();
     for sc in &cfg.sources {
+        out.push(prepare_one(cfg, sc)?);
+    }
+    let mut specs: Vec<SourceSpec> = out.iter().map(|p| p.spec.clone()).collect();
+    source::dedupe_names(&mut specs);
+    for (p, s) in out.iter_mut().zip(specs) {
+        p.spec.name = s.name;
+    }
+    Ok(out)
+}
+
+fn prepare_one(cfg: &Config, sc: &SourceConfig) -> Result<Prepared, RunError> {
+    {
         let mut spec = source::parse(&sc.uri).map_err(|e| RunError::Config(e.to_string()))?;
         if let Some(n) = &sc.name {
             spec.name = n.clone();
@@ -145,18 +188,313 @@ fn prepare(cfg: &Config) -> Result<Vec<Prepared>, RunError> {
             rtsp_latency_ms: 200,
             decoder_threads: cfg.video.decoder_threads,
         };
-        out.push(Prepared { spec, params });
+        Ok(Prepared {
+            spec,
+            params,
+            source: sc.clone(),
+        })
     }
-    let mut specs: Vec<SourceSpec> = out.iter().map(|p| p.spec.clone()).collect();
-    source::dedupe_names(&mut specs);
-    for (p, s) in out.iter_mut().zip(specs) {
-        p.spec.name = s.name;
+}
+
+/// One source started by this run (kept after it ends, for its summary).
+struct Running {
+    spec: SourceSpec,
+    feed: Arc<Feed>,
+    task: Option<Arc<Mutex<SourceTask>>>,
+    handle: Option<JoinHandle<SourceState>>,
+    stop: Arc<AtomicBool>,
+    state: Option<SourceState>,
+    removed: bool,
+}
+
+/// What the run loop, the control API and SIGHUP share.
+struct Shared {
+    cfg: Mutex<Config>,
+    overrides: Overrides,
+    sources: Mutex<Vec<Running>>,
+    ctl_tx: Sender<Control>,
+    events: Events,
+    metrics: Arc<Metrics>,
+    board: Arc<StateBoard>,
+    budget: Arc<ByteBudget>,
+    queue_stop: Arc<AtomicBool>,
+    dispatch: Arc<Dispatch>,
+    env: TaskEnv,
+    closing: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn start(&self, p: Prepared) -> Result<(), RunError> {
+        let cfg = lock(&self.cfg).clone();
+        let live = p.spec.kind.is_live() || cfg.run.realtime;
+        let (vpol, apol) = if live {
+            (WhenFull::DropOldest, WhenFull::DropNewest)
+        } else {
+            (WhenFull::Block, WhenFull::Block)
+        };
+        let audio_cap = (cfg.audio.queue_seconds / cfg.audio.chunk_seconds).ceil() as usize;
+        let (vtx, vrx) = queue::bounded(
+            cfg.video.queue_frames,
+            vpol,
+            self.budget.clone(),
+            self.queue_stop.clone(),
+        );
+        let (atx, arx) = queue::bounded(
+            audio_cap,
+            apol,
+            self.budget.clone(),
+            self.queue_stop.clone(),
+        );
+        let feed = Feed::new(
+            p.spec.name.clone(),
+            vtx,
+            atx,
+            self.metrics.clone(),
+            self.events.clone(),
+        );
+        self.metrics
+            .set_state(&p.spec.name, SourceState::Connecting);
+        let task = (p.source.task != TaskKind::None && cfg.model.enabled).then(|| {
+            let t = Arc::new(Mutex::new(SourceTask::new(
+                feed.clone(),
+                TaskSpec {
+                    task: p.source.task,
+                    questions: p.source.questions.clone(),
+                    prompt: p.source.prompt.clone(),
+                },
+                p.params.fps,
+                live,
+                self.env.clone(),
+            )));
+            self.dispatch.add_source(&p.spec.name, t.clone(), live);
+            t
+        });
+        let _ = self.ctl_tx.send(Control::Add(WorkerSource {
+            feed: feed.clone(),
+            video: vrx,
+            audio: arx,
+            task: task.clone(),
+        }));
+        tracing::info!(source = %p.spec.name, uri = %p.spec.display, fps = p.params.fps, task = p.source.task.as_str(), "Starting source.");
+        let stop = Arc::new(AtomicBool::new(false));
+        let sup = Supervisor {
+            spec: p.spec.clone(),
+            params: p.params,
+            reconnect: cfg.reconnect.clone(),
+            stall_seconds: cfg.watchdog.stall_seconds,
+            realtime: cfg.run.realtime,
+            feed: feed.clone(),
+            stop: stop.clone(),
+            board: self.board.clone(),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("src-{}", p.spec.name))
+            .spawn(move || sup.run())
+            .map_err(|e| RunError::Gst(format!("cannot start source thread: {e}")))?;
+        lock(&self.sources).push(Running {
+            spec: p.spec,
+            feed,
+            task,
+            handle: Some(h),
+            stop,
+            state: None,
+            removed: false,
+        });
+        Ok(())
     }
-    Ok(out)
+
+    fn info(&self, r: &Running) -> SourceInfo {
+        let (task, questions, prompt) = match &r.task {
+            Some(t) => {
+                let s = lock(t).spec.clone();
+                (s.task, s.questions, s.prompt)
+            }
+            None => (TaskKind::None, Vec::new(), None),
+        };
+        SourceInfo {
+            name: r.spec.name.clone(),
+            uri: r.spec.display.clone(),
+            state: r
+                .state
+                .or_else(|| self.board.snapshot().get(&r.spec.name).copied()),
+            task,
+            questions,
+            prompt,
+        }
+    }
+
+    fn apply_task(&self, r: &Running, u: TaskUpdate) -> Result<(), ControlError> {
+        let Some(t) = &r.task else {
+            return Err(ControlError::Invalid(format!(
+                "source '{}' runs without the model (task none or model disabled); remove and add it again with a task",
+                r.spec.name
+            )));
+        };
+        let mut g = lock(t);
+        let mut spec = g.spec.clone();
+        if let Some(k) = u.task {
+            spec.task = k;
+        }
+        if let Some(q) = u.questions {
+            spec.questions = q;
+        }
+        if let Some(p) = u.prompt {
+            spec.prompt = (!p.is_empty()).then_some(p);
+        }
+        if spec.task == TaskKind::Watch && spec.questions.is_empty() {
+            return Err(ControlError::Invalid(
+                "task 'watch' needs at least one question".into(),
+            ));
+        }
+        tracing::info!(source = %r.spec.name, task = spec.task.as_str(), questions = spec.questions.len(), "Task changed.");
+        g.set_spec(spec);
+        Ok(())
+    }
+}
+
+impl ControlApi for Shared {
+    fn list(&self) -> Vec<SourceInfo> {
+        lock(&self.sources)
+            .iter()
+            .filter(|r| !r.removed)
+            .map(|r| self.info(r))
+            .collect()
+    }
+
+    fn add(&self, req: AddSource) -> Result<SourceInfo, ControlError> {
+        if self.closing.load(Ordering::Relaxed) {
+            return Err(ControlError::ShuttingDown);
+        }
+        let mut sc = SourceConfig::from_uri(&req.uri);
+        sc.name = req.name;
+        sc.fps = req.fps;
+        sc.task = req.task.unwrap_or_default();
+        sc.questions = req.questions;
+        sc.prompt = req.prompt;
+        let mut cfg = lock(&self.cfg).clone();
+        cfg.sources = vec![sc.clone()];
+        let problems = cfg.validate();
+        if !problems.is_empty() {
+            return Err(ControlError::Invalid(problems.join("; ")));
+        }
+        let p = prepare_one(&cfg, &sc).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let name = p.spec.name.clone();
+        if lock(&self.sources)
+            .iter()
+            .any(|r| r.spec.name == name && !r.removed)
+        {
+            return Err(ControlError::Conflict(format!(
+                "a source named '{name}' exists"
+            )));
+        }
+        self.start(p)
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let sources = lock(&self.sources);
+        let r = sources
+            .iter()
+            .rev()
+            .find(|r| r.spec.name == name)
+            .ok_or_else(|| ControlError::NotFound(name.clone()))?;
+        Ok(self.info(r))
+    }
+
+    fn remove(&self, name: &str) -> Result<(), ControlError> {
+        let mut sources = lock(&self.sources);
+        let r = sources
+            .iter_mut()
+            .find(|r| r.spec.name == name && !r.removed)
+            .ok_or_else(|| ControlError::NotFound(name.to_string()))?;
+        r.removed = true;
+        r.stop.store(true, Ordering::Relaxed);
+        tracing::info!(source = %name, "Removing source.");
+        let _ = self.ctl_tx.send(Control::Remove(name.to_string()));
+        for (j, why) in self.dispatch.remove_source(name) {
+            if let Some(t) = &r.task {
+                lock(t).on_skipped(&j, why);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_task(&self, name: &str, u: TaskUpdate) -> Result<SourceInfo, ControlError> {
+        let sources = lock(&self.sources);
+        let r = sources
+            .iter()
+            .find(|r| r.spec.name == name && !r.removed)
+            .ok_or_else(|| ControlError::NotFound(name.to_string()))?;
+        self.apply_task(r, u)?;
+        Ok(self.info(r))
+    }
+
+    fn reload(&self) -> Result<(), ControlError> {
+        let Some(path) = &self.overrides.config_path else {
+            return Err(ControlError::Invalid(
+                "percept was started without --config: nothing to reload".into(),
+            ));
+        };
+        let fresh =
+            Config::load(path).map_err(|e| ControlError::Invalid(one_line(&e.to_string())))?;
+        let fresh = merge(fresh, &self.overrides);
+        tracing::info!(config = %path.display(), "Reloading the config.");
+        // Sources: the file's list wins unless --source flags replaced it.
+        if self.overrides.sources.is_empty() {
+            let wanted: Vec<SourceConfig> = fresh.sources.clone();
+            let current: Vec<String> = self.list().into_iter().map(|s| s.name).collect();
+            let named = |sc: &SourceConfig| {
+                sc.name
+                    .clone()
+                    .or_else(|| source::parse(&sc.uri).ok().map(|s| s.name))
+                    .unwrap_or_default()
+            };
+            for name in &current {
+                if !wanted.iter().any(|sc| &named(sc) == name) {
+                    let _ = self.remove(name);
+                }
+            }
+            for sc in wanted {
+                let name = named(&sc);
+                if current.contains(&name) {
+                    let _ = self.set_task(
+                        &name,
+                        TaskUpdate {
+                            task: Some(sc.task),
+                            questions: Some(sc.questions.clone()),
+                            prompt: Some(sc.prompt.clone().unwrap_or_default()),
+                        },
+                    );
+                } else {
+                    self.add(AddSource {
+                        name: sc.name.clone(),
+                        uri: sc.uri.clone(),
+                        task: Some(sc.task),
+                        questions: sc.questions.clone(),
+                        prompt: sc.prompt.clone(),
+                        fps: sc.fps,
+                    })?;
+                }
+            }
+        }
+        *lock(&self.cfg) = fresh;
+        Ok(())
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Run every configured source to the end (or until `stop` is set) and write summaries.
-pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
+/// `reload` (SIGHUP) re-reads the config file between polls.
+pub fn run(
+    cfg: &Config,
+    overrides: &Overrides,
+    stop: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+) -> Result<RunReport, RunError> {
     gstreamer::init().map_err(|e| RunError::Gst(e.to_string()))?;
     let problems = cfg.validate();
     if !problems.is_empty() {
@@ -172,9 +510,72 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
     })?;
     let metrics = Arc::new(Metrics::new());
     let board = Arc::new(StateBoard::default());
+    let live = Arc::new(LiveBoard::default());
     let budget = ByteBudget::new(cfg.queues.budget_bytes());
     metrics.queue_budget_bytes.set(budget.limit() as i64);
+    let dispatch = Arc::new(Dispatch::default());
+    let needs_model = cfg.model.enabled;
+    let engine = if needs_model {
+        let e = Engine {
+            cfg: cfg.model.clone(),
+            dispatch: dispatch.clone(),
+            live: live.clone(),
+            metrics: metrics.clone(),
+        };
+        Some(
+            e.spawn()
+                .map_err(|e| RunError::Gst(format!("cannot start the model thread: {e}")))?,
+        )
+    } else {
+        dispatch.set_gate(ModelGate::Disabled);
+        live.set_model(crate::control::ModelStatus::Disabled);
+        None
+    };
+    let queue_stop = Arc::new(AtomicBool::new(false));
+    let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+    let worker = Worker::new(
+        cfg.analysis.clone(),
+        ctl_rx,
+        dispatch.clone(),
+        queue_stop.clone(),
+    );
+    let worker_thread = std::thread::Builder::new()
+        .name("percept-worker".into())
+        .spawn(move || worker.run())
+        .map_err(|e| RunError::Gst(format!("cannot start worker: {e}")))?;
+    let webhooks = crate::tasks::webhook::Webhooks::start(
+        cfg.alerts.webhooks.clone(),
+        cfg.alerts.webhook_attempts,
+        events.clone(),
+    );
+    let env = TaskEnv {
+        prompts: cfg.tasks.clone(),
+        governor: cfg.governor.clone(),
+        captions: cfg.captions.clone(),
+        alerts: cfg.alerts.clone(),
+        scene_threshold: cfg.analysis.scene_threshold,
+        max_tokens: cfg.model.max_tokens,
+        live_board: live.clone(),
+        webhooks,
+        caption_dir: (!cfg.captions.dir.is_empty()).then(|| PathBuf::from(&cfg.captions.dir)),
+    };
+    let shared = Arc::new(Shared {
+        cfg: Mutex::new(cfg.clone()),
+        overrides: overrides.clone(),
+        sources: Mutex::new(Vec::new()),
+        ctl_tx: ctl_tx.clone(),
+        events: events.clone(),
+        metrics: metrics.clone(),
+        board: board.clone(),
+        budget: budget.clone(),
+        queue_stop: queue_stop.clone(),
+        dispatch: dispatch.clone(),
+        env,
+        closing: AtomicBool::new(false),
+    });
     let _server = if cfg.http.enabled {
+        let control: Arc<dyn ControlApi> = shared.clone();
+        let _ = &control;
         let s = http::serve(
             &cfg.http.listen,
             http::AppState {
@@ -187,85 +588,82 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
     } else {
         None
     };
-    let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
-    let worker = Worker::new(cfg.analysis.clone(), ctl_rx);
-    let worker_thread = std::thread::Builder::new()
-        .name("percept-worker".into())
-        .spawn(move || worker.run())
-        .map_err(|e| RunError::Gst(format!("cannot start worker: {e}")))?;
-    // Producers stop blocking at shutdown through their own flag, set once sources are told to stop.
-    let queue_stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let mut handles = Vec::new();
-    let mut feeds = Vec::new();
     for p in prepared {
-        let live = p.spec.kind.is_live() || cfg.run.realtime;
-        let (vpol, apol) = if live {
-            (WhenFull::DropOldest, WhenFull::DropNewest)
-        } else {
-            (WhenFull::Block, WhenFull::Block)
-        };
-        let audio_cap = (cfg.audio.queue_seconds / cfg.audio.chunk_seconds).ceil() as usize;
-        let (vtx, vrx) = queue::bounded(
-            cfg.video.queue_frames,
-            vpol,
-            budget.clone(),
-            queue_stop.clone(),
-        );
-        let (atx, arx) = queue::bounded(audio_cap, apol, budget.clone(), queue_stop.clone());
-        let feed = Feed::new(
-            p.spec.name.clone(),
-            vtx,
-            atx,
-            metrics.clone(),
-            events.clone(),
-        );
-        metrics.set_state(&p.spec.name, SourceState::Connecting);
-        let _ = ctl_tx.send(Control::Add(WorkerSource {
-            feed: feed.clone(),
-            video: vrx,
-            audio: arx,
-        }));
-        tracing::info!(source = %p.spec.name, uri = %p.spec.display, fps = p.params.fps, "Starting source.");
-        let sup = Supervisor {
-            spec: p.spec.clone(),
-            params: p.params,
-            reconnect: cfg.reconnect.clone(),
-            stall_seconds: cfg.watchdog.stall_seconds,
-            realtime: cfg.run.realtime,
-            feed: feed.clone(),
-            stop: stop.clone(),
-            board: board.clone(),
-        };
-        let h = std::thread::Builder::new()
-            .name(format!("src-{}", p.spec.name))
-            .spawn(move || sup.run())
-            .map_err(|e| RunError::Gst(format!("cannot start source thread: {e}")))?;
-        handles.push((p.spec, h));
-        feeds.push(feed);
+        shared.start(p)?;
     }
+    let feeds: Vec<Arc<Feed>> = lock(&shared.sources)
+        .iter()
+        .map(|r| r.feed.clone())
+        .collect();
     let progress = progress::Progress::start(&feeds, &cfg.sources);
     // Wait for all sources; a stop request makes each supervisor return promptly.
-    let mut states = Vec::new();
-    for (spec, h) in handles {
-        while !h.is_finished() {
-            if stop.load(Ordering::Relaxed) {
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if reload.swap(false, Ordering::Relaxed) && !stopping {
+            if let Err(e) = shared.reload() {
+                tracing::error!(error = %e, "Reload failed; the running config is kept.");
+            }
+        }
+        let mut running = 0;
+        for r in lock(&shared.sources).iter_mut() {
+            if stopping {
+                r.stop.store(true, Ordering::Relaxed);
                 queue_stop.store(true, Ordering::Relaxed);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            if let Some(h) = r.handle.take_if(|h| h.is_finished()) {
+                r.state = Some(h.join().unwrap_or(SourceState::Failed));
+            } else if r.handle.is_some() {
+                running += 1;
+            }
         }
-        let state = h.join().unwrap_or(SourceState::Failed);
-        states.push((spec.name.clone(), state));
+        if running == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    shared.closing.store(true, Ordering::Relaxed);
     let deadline = stop
         .load(Ordering::Relaxed)
         .then(|| Instant::now() + Duration::from_secs_f64(cfg.run.drain_seconds));
     let _ = ctl_tx.send(Control::Finish { deadline });
     let _ = worker_thread.join();
+    // The model answers what waits (bounded by the drain deadline on Ctrl-C), then the
+    // recordings that asked for one get their summary.
+    let tasks: Vec<Arc<Mutex<SourceTask>>> = lock(&shared.sources)
+        .iter()
+        .filter(|r| !r.removed)
+        .filter_map(|r| r.task.clone())
+        .collect();
+    if !dispatch.wait_idle(deadline) {
+        skip_all(&dispatch, &shared);
+    }
+    if deadline.is_none() {
+        for t in &tasks {
+            let job = lock(t).summary_job();
+            if let Some(j) = job {
+                for (j, why) in dispatch.offer(j, &|| false) {
+                    lock(t).on_skipped(&j, why);
+                }
+            }
+        }
+        dispatch.wait_idle(None);
+    }
+    dispatch.close();
+    if let Some(h) = engine {
+        // A model still loading at Ctrl-C is left behind rather than waited for.
+        if dispatch.gate() != ModelGate::Loading {
+            let _ = h.join();
+        }
+    }
     drop(progress);
     let wall = started.elapsed().as_secs_f64();
     let mut failures = Vec::new();
-    for (feed, (name, state)) in feeds.iter().zip(&states) {
+    let mut states = Vec::new();
+    for r in lock(&shared.sources).iter() {
+        let state = r.state.unwrap_or(SourceState::Failed);
+        let name = r.spec.name.clone();
+        let feed = &r.feed;
         let s = &feed.stats;
         let summary = Summary {
             frames_decoded: s.frames_decoded.load(Ordering::Relaxed),
@@ -281,7 +679,7 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
             keyframe_only: s.keyframe_only.load(Ordering::Relaxed),
             queue_bytes_peak: budget.peak() as u64,
             queue_budget_bytes: budget.limit() as u64,
-            final_state: Some(*state),
+            final_state: Some(state),
             wall_seconds: (wall * 1000.0).round() / 1000.0,
         };
         feed.emit(
@@ -289,7 +687,7 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
             Some(feed.last_media_end().unwrap_or(0.0)),
             Body::Summary(summary),
         );
-        if *state == SourceState::Failed {
+        if state == SourceState::Failed && !r.removed {
             let msg = feed
                 .last_error
                 .lock()
@@ -300,7 +698,24 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
                 msg.unwrap_or_else(|| "failed".into())
             ));
         }
+        if !r.removed {
+            states.push((name, state));
+        }
     }
     events.flush();
     Ok(RunReport { states, failures })
+}
+
+fn skip_all(dispatch: &Dispatch, shared: &Shared) {
+    let skipped = dispatch.drain_all();
+    let sources = lock(&shared.sources);
+    for (j, why) in skipped {
+        if let Some(t) = sources
+            .iter()
+            .find(|r| r.spec.name == j.source)
+            .and_then(|r| r.task.as_ref())
+        {
+            lock(t).on_skipped(&j, why);
+        }
+    }
 }

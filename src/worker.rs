@@ -4,8 +4,8 @@
 
 use crossbeam_channel::{Receiver, Select};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::AnalysisConfig;
@@ -13,16 +13,22 @@ use crate::event::{Body, Media};
 use crate::ingest::{AudioChunk, Feed, VideoFrame, AUDIO_RATE};
 use crate::queue::QueueRx;
 use crate::signal::{level_dbfs, MotionDetector, VoiceDetector};
+use crate::tasks::dispatch::Dispatch;
+use crate::tasks::{Job, SourceTask};
 
 /// A source as the worker sees it.
 pub struct WorkerSource {
     pub feed: Arc<Feed>,
     pub video: QueueRx<VideoFrame>,
     pub audio: QueueRx<AudioChunk>,
+    /// What the model does with this source; None = signal analysis only.
+    pub task: Option<Arc<Mutex<SourceTask>>>,
 }
 
 pub enum Control {
     Add(WorkerSource),
+    /// Stop analysing a source (removed at runtime); what it still has queued is dropped.
+    Remove(String),
     /// No more media will be pushed: drain and exit. With a deadline, what is still queued
     /// then is counted as dropped ("shutdown").
     Finish {
@@ -42,12 +48,36 @@ pub struct Worker {
     cfg: AnalysisConfig,
     control: Receiver<Control>,
     vad: VoiceDetector,
+    dispatch: Arc<Dispatch>,
+    /// Set at shutdown: a file source's worker stops waiting for the model.
+    stop: Arc<AtomicBool>,
 }
 
 impl Worker {
-    pub fn new(cfg: AnalysisConfig, control: Receiver<Control>) -> Worker {
+    pub fn new(
+        cfg: AnalysisConfig,
+        control: Receiver<Control>,
+        dispatch: Arc<Dispatch>,
+        stop: Arc<AtomicBool>,
+    ) -> Worker {
         let vad = VoiceDetector::new(cfg.voice_min_dbfs);
-        Worker { cfg, control, vad }
+        Worker {
+            cfg,
+            control,
+            vad,
+            dispatch,
+            stop,
+        }
+    }
+
+    /// Hands jobs to the model side; what will not run is counted by the task.
+    fn offer(&self, task: &Mutex<SourceTask>, jobs: Vec<Job>) {
+        for job in jobs {
+            let stop = || self.stop.load(Ordering::Relaxed);
+            for (j, why) in self.dispatch.offer(job, &stop) {
+                lock(task).on_skipped(&j, why);
+            }
+        }
     }
 
     pub fn run(self) {
@@ -66,6 +96,18 @@ impl Worker {
                         src,
                         motion: MotionDetector::default(),
                     }),
+                    Control::Remove(name) => {
+                        if let Some(i) = slots.iter().position(|s| s.src.feed.name == name) {
+                            let s = slots.remove(i);
+                            let frames: Vec<VideoFrame> =
+                                std::iter::from_fn(|| s.src.video.try_recv()).collect();
+                            s.src.feed.drop_frames(&frames, "source_removed");
+                            let chunks: Vec<AudioChunk> =
+                                std::iter::from_fn(|| s.src.audio.try_recv()).collect();
+                            s.src.feed.drop_audio(&chunks, "source_removed");
+                            report(std::slice::from_ref(&s));
+                        }
+                    }
                     Control::Finish { deadline } => finish = Some(deadline),
                 }
             }
@@ -85,6 +127,11 @@ impl Worker {
                         let chunks: Vec<AudioChunk> =
                             std::iter::from_fn(|| s.src.audio.try_recv()).collect();
                         s.src.feed.drop_audio(&chunks, "shutdown");
+                        // Speech still being windowed becomes its last window.
+                        if let Some(t) = &s.src.task {
+                            let jobs = lock(t).finish();
+                            self.offer(t, jobs);
+                        }
                     }
                     report(&slots);
                     return;
@@ -138,6 +185,17 @@ impl Worker {
     }
 
     fn analyse_frame(&self, slot: &mut Slot, frame: VideoFrame) {
+        let motion = self.signal_frame(slot, &frame);
+        if let Some(t) = &slot.src.task {
+            let job = lock(t).on_frame(frame, motion);
+            if let Some(j) = job {
+                self.offer(t, vec![j]);
+            }
+        }
+    }
+
+    /// Motion analysis and the `frame` event; returns the motion score.
+    fn signal_frame(&self, slot: &mut Slot, frame: &VideoFrame) -> f64 {
         let feed = &slot.src.feed;
         let motion = slot
             .motion
@@ -164,6 +222,7 @@ impl Worker {
                 latency_ms: (latency * 1e4).round() / 10.0,
             },
         );
+        motion
     }
 
     fn analyse_audio(&self, slot: &mut Slot, chunk: AudioChunk) {
@@ -197,7 +256,15 @@ impl Worker {
                 samples: n,
             },
         );
+        if let Some(t) = &slot.src.task {
+            let jobs = lock(t).on_audio(&chunk, voice, level);
+            self.offer(t, jobs);
+        }
     }
+}
+
+fn lock(t: &Mutex<SourceTask>) -> std::sync::MutexGuard<'_, SourceTask> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Turn pending drops into events and refresh queue gauges.

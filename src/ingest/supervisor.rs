@@ -111,6 +111,7 @@ impl Supervisor {
             None,
             Body::Error {
                 message: message.to_string(),
+                raw: None,
             },
         );
     }

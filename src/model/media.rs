@@ -62,6 +62,26 @@ impl TowerEncoder {
     }
 }
 
+impl TowerEncoder {
+    /// Soft tokens of an in-memory RGB frame at `budget` (70..1120).
+    pub fn encode_rgb(
+        &self,
+        model: &Gemma4,
+        img: &preprocess::image::RgbImage,
+        budget: usize,
+    ) -> Result<Tensor, ModelError> {
+        let input = preprocess::image::preprocess(img, budget)
+            .map_err(|e| ModelError::Request(format!("frame: {e}")))?;
+        self.vision(model)?.encode(&input)
+    }
+
+    /// Soft tokens of 16 kHz mono samples (the first 30 s, as the reference keeps).
+    pub fn encode_samples(&self, model: &Gemma4, samples: &[f32]) -> Result<Tensor, ModelError> {
+        let mel = preprocess::mel::MelExtractor::new().extract(samples);
+        self.audio(model)?.encode(&mel)
+    }
+}
+
 fn pre_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
     ModelError::Request(format!("{}: {e}", path.display()))
 }

@@ -1,0 +1,570 @@
+//! Per-source tasks: what the model is asked about a source, which media reach it (the
+//! gates), how fast (the governor), and what its answers become (events, alerts, captions).
+//!
+//! Data flow: the worker analyses signals, then hands each frame and chunk to the source's
+//! [`SourceTask`], which may turn it into a [`Job`]; jobs wait in the [`dispatch::Dispatch`]
+//! slots; the engine batches them across sources and gives each answer back to its task.
+
+mod caption_shim;
+pub mod dispatch;
+pub mod governor;
+pub mod watch;
+pub mod webhook;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{AlertConfig, CaptionConfig, GovernorConfig, TaskKind, TaskPrompts};
+use crate::control::LiveBoard;
+use crate::event::{Body, CaptionStatus, SourceState};
+use crate::ingest::{AudioChunk, Feed, VideoFrame, AUDIO_RATE};
+use caption_shim::{suppress_repetition, AudioWindower, CaptionFiles, Stabilizer};
+use governor::Governor;
+
+/// How a job waits for the model (see [`dispatch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobClass {
+    Frame,
+    PartialAudio,
+    FinalAudio,
+    Text,
+}
+
+/// One request for the model, in media terms.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub source: String,
+    pub task: TaskKind,
+    pub class: JobClass,
+    /// Media span the answer is about.
+    pub t: f64,
+    pub end: f64,
+    pub frame: Option<Arc<VideoFrame>>,
+    pub audio: Option<Arc<Vec<f32>>>,
+    /// The user text of the prompt.
+    pub prompt: String,
+    pub soft_tokens: usize,
+    pub max_tokens: usize,
+    /// 0 for the first try; `watch` retries once.
+    pub attempt: u8,
+    pub captured: Instant,
+}
+
+impl Job {
+    pub fn audio_seconds(&self) -> f64 {
+        self.audio
+            .as_ref()
+            .map(|a| a.len() as f64 / f64::from(AUDIO_RATE))
+            .unwrap_or(0.0)
+    }
+}
+
+/// What the model said for a job.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub text: String,
+    /// Wall seconds of the batched step this job was part of (shared by the batch).
+    pub model_s: f64,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+}
+
+/// What a source asks the model, changeable at runtime.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSpec {
+    pub task: TaskKind,
+    pub questions: Vec<String>,
+    pub prompt: Option<String>,
+}
+
+/// Everything a task needs besides its own state.
+#[derive(Clone)]
+pub struct TaskEnv {
+    pub prompts: TaskPrompts,
+    pub governor: GovernorConfig,
+    pub captions: CaptionConfig,
+    pub alerts: AlertConfig,
+    pub scene_threshold: f64,
+    pub max_tokens: usize,
+    pub live_board: Arc<LiveBoard>,
+    pub webhooks: Option<webhook::Webhooks>,
+    /// Where caption files go for this run (None: no files).
+    pub caption_dir: Option<PathBuf>,
+}
+
+/// Seconds of audio kept for `listen-and-look`.
+const LISTEN_SECONDS: f64 = 5.0;
+/// A `state` event with governor figures at least this often (media seconds).
+const STATE_EVERY: f64 = 5.0;
+/// Token budget of a summary.
+const SUMMARY_TOKENS: usize = 256;
+
+pub struct SourceTask {
+    pub name: String,
+    pub spec: TaskSpec,
+    pub feed: Arc<Feed>,
+    pub live: bool,
+    env: TaskEnv,
+    gov: Governor,
+    last_sent: Option<f64>,
+    look_requested: bool,
+    windower: AudioWindower,
+    stabilizer: Stabilizer,
+    captions: Option<CaptionFiles>,
+    caption_error: bool,
+    recent_audio: VecDeque<(f64, Vec<f32>, bool)>,
+    transcript: Vec<(f64, f64, String)>,
+    last_state: f64,
+}
+
+impl SourceTask {
+    pub fn new(feed: Arc<Feed>, spec: TaskSpec, fps: f64, live: bool, env: TaskEnv) -> SourceTask {
+        SourceTask {
+            name: feed.name.clone(),
+            gov: Governor::new(&env.governor, fps, live),
+            windower: AudioWindower::new(&env.captions),
+            stabilizer: Stabilizer::default(),
+            spec,
+            feed,
+            live,
+            env,
+            last_sent: None,
+            look_requested: false,
+            captions: None,
+            caption_error: false,
+            recent_audio: VecDeque::new(),
+            transcript: Vec::new(),
+            last_state: f64::NEG_INFINITY,
+        }
+    }
+
+    pub fn set_spec(&mut self, spec: TaskSpec) {
+        self.spec = spec;
+    }
+
+    fn prompt_for(&self, task: TaskKind) -> String {
+        if let Some(p) = &self.spec.prompt {
+            return p.clone();
+        }
+        let p = &self.env.prompts;
+        match task {
+            TaskKind::Watch => watch::render_prompt(&p.watch, &self.spec.questions),
+            TaskKind::Describe | TaskKind::None => p.describe.clone(),
+            TaskKind::Caption => p.caption.clone(),
+            TaskKind::ListenAndLook => p.listen_and_look.clone(),
+            TaskKind::Transcribe | TaskKind::Summarize => p.transcribe.clone(),
+        }
+    }
+
+    fn job(&self, class: JobClass, t: f64, end: f64, captured: Instant) -> Job {
+        Job {
+            source: self.name.clone(),
+            task: self.spec.task,
+            class,
+            t,
+            end,
+            frame: None,
+            audio: None,
+            prompt: self.prompt_for(self.spec.task),
+            soft_tokens: self.gov.soft_tokens() as usize,
+            max_tokens: self.env.max_tokens,
+            attempt: 0,
+            captured,
+        }
+    }
+
+    fn skip(&self, reason: &str) {
+        self.feed
+            .metrics
+            .model
+            .skipped
+            .with_label_values(&[&self.name, reason])
+            .inc();
+    }
+
+    /// A frame the worker analysed: does it go to the model?
+    pub fn on_frame(&mut self, frame: VideoFrame, motion: f64) -> Option<Job> {
+        self.gov.note_input(frame.t);
+        let task = self.spec.task;
+        if !task.uses_video() {
+            return None;
+        }
+        if !self.gov.frame_due(frame.t, self.last_sent) {
+            self.skip("rate");
+            return None;
+        }
+        let heartbeat = self
+            .last_sent
+            .is_none_or(|l| frame.t - l >= self.env.governor.heartbeat_seconds);
+        let moved = motion >= self.env.scene_threshold;
+        if !(heartbeat || moved || self.look_requested) {
+            self.skip("no_motion");
+            return None;
+        }
+        self.look_requested = false;
+        self.last_sent = Some(frame.t);
+        self.gov.note_frame_sent(frame.t);
+        if let Some(jpeg) = encode_jpeg(&frame) {
+            self.env.live_board.set_frame(&self.name, frame.t, jpeg);
+        }
+        let captured = frame.captured;
+        let t = frame.t;
+        let mut job = self.job(JobClass::Frame, t, t, captured);
+        if task == TaskKind::ListenAndLook {
+            let voice_only = self.gov.audio_voice_only();
+            let any_voice = self.recent_audio.iter().any(|c| c.2);
+            if !voice_only || any_voice {
+                let mut samples = Vec::new();
+                let mut t0 = t;
+                for (ct, s, _) in &self.recent_audio {
+                    if samples.is_empty() {
+                        t0 = *ct;
+                    }
+                    samples.extend_from_slice(s);
+                }
+                if !samples.is_empty() {
+                    job.t = t0.min(t);
+                    job.audio = Some(Arc::new(samples));
+                }
+            }
+        }
+        job.frame = Some(Arc::new(frame));
+        Some(job)
+    }
+
+    /// An audio chunk the worker analysed.
+    pub fn on_audio(&mut self, chunk: &AudioChunk, voice: bool, level: f64) -> Vec<Job> {
+        let end = chunk.t + chunk.duration();
+        self.gov.note_input(end);
+        let task = self.spec.task;
+        if level >= self.env.governor.loud_dbfs && task.uses_video() {
+            // A loud sound: look at the next frame even if nothing moved.
+            self.look_requested = true;
+        }
+        match task {
+            TaskKind::ListenAndLook => {
+                self.recent_audio
+                    .push_back((chunk.t, chunk.samples.clone(), voice));
+                while self
+                    .recent_audio
+                    .front()
+                    .is_some_and(|(t, _, _)| end - t > LISTEN_SECONDS + 1e-6)
+                {
+                    self.recent_audio.pop_front();
+                }
+                Vec::new()
+            }
+            TaskKind::Caption | TaskKind::Transcribe | TaskKind::Summarize => {
+                let windows = self.windower.push(chunk.t, &chunk.samples, voice);
+                windows
+                    .into_iter()
+                    .map(|w| self.audio_job(w.t0, w.samples, w.is_final, chunk.captured))
+                    .collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn audio_job(&self, t0: f64, samples: Vec<f32>, is_final: bool, captured: Instant) -> Job {
+        let end = t0 + samples.len() as f64 / f64::from(AUDIO_RATE);
+        let class = if is_final {
+            JobClass::FinalAudio
+        } else {
+            JobClass::PartialAudio
+        };
+        let mut j = self.job(class, t0, end, captured);
+        j.audio = Some(Arc::new(samples));
+        j
+    }
+
+    /// The source ended: pending speech becomes a last window; recordings get a summary
+    /// once their transcript is complete (see [`SourceTask::summary_job`]).
+    pub fn finish(&mut self) -> Vec<Job> {
+        let now = Instant::now();
+        self.windower
+            .flush()
+            .into_iter()
+            .map(|w| self.audio_job(w.t0, w.samples, true, now))
+            .collect()
+    }
+
+    /// A text-only job summarizing the transcript (task `summarize`), if there is one.
+    pub fn summary_job(&self) -> Option<Job> {
+        if self.spec.task != TaskKind::Summarize || self.transcript.is_empty() {
+            return None;
+        }
+        let lines: Vec<String> = self
+            .transcript
+            .iter()
+            .map(|(t, _, text)| format!("[{}] {text}", mmss(*t)))
+            .collect();
+        let end = self.transcript.last().map(|l| l.1).unwrap_or(0.0);
+        let mut j = self.job(JobClass::Text, 0.0, end, Instant::now());
+        j.task = TaskKind::Summarize;
+        j.prompt = format!("{}\n\n{}", self.env.prompts.summarize, lines.join("\n"));
+        j.max_tokens = SUMMARY_TOKENS;
+        Some(j)
+    }
+
+    /// Jobs that will not run (superseded, unavailable...) are counted here.
+    pub fn on_skipped(&self, job: &Job, reason: &str) {
+        self.skip(reason);
+        if job.class == JobClass::FinalAudio
+            && reason != "model_unavailable"
+            && reason != "model_disabled"
+        {
+            self.feed.gap(
+                job.t,
+                job.end,
+                &format!("speech not transcribed ({reason})"),
+            );
+        }
+    }
+
+    /// A failed request (encoding or model error).
+    pub fn on_error(&mut self, job: &Job, message: &str) {
+        self.count_error(job);
+        self.feed.emit(
+            job.t,
+            Some(job.end),
+            Body::Error {
+                message: format!("model: {message}"),
+                raw: None,
+            },
+        );
+    }
+
+    fn count_error(&self, job: &Job) {
+        self.feed
+            .metrics
+            .model
+            .errors
+            .with_label_values(&[&self.name, job.task.as_str()])
+            .inc();
+    }
+
+    /// The model's answer to one of this source's jobs; may return a follow-up job.
+    pub fn on_answer(&mut self, job: &Job, a: &Answer) -> Option<Job> {
+        let m = &self.feed.metrics.model;
+        m.requests
+            .with_label_values(&[&self.name, job.task.as_str()])
+            .inc();
+        m.latency
+            .with_label_values(&[&self.name, job.task.as_str()])
+            .observe(job.captured.elapsed().as_secs_f64());
+        let text = suppress_repetition(a.text.trim());
+        let model_ms = (a.model_s * 1e4).round() / 10.0;
+        let follow = match job.task {
+            TaskKind::Describe | TaskKind::None => {
+                self.env.live_board.describe_frame(&self.name, job.t, &text);
+                self.feed.emit(
+                    job.t,
+                    None,
+                    Body::Description {
+                        text,
+                        frames: 1,
+                        soft_tokens: job.soft_tokens as u32,
+                        model_ms,
+                    },
+                );
+                None
+            }
+            TaskKind::Watch => self.on_watch(job, &text),
+            TaskKind::ListenAndLook => {
+                self.env
+                    .live_board
+                    .describe_frame(&self.name, job.end, &text);
+                self.feed.emit(
+                    job.t,
+                    Some(job.end),
+                    Body::Scene {
+                        text,
+                        audio_seconds: (job.audio_seconds() * 1000.0).round() / 1000.0,
+                    },
+                );
+                None
+            }
+            TaskKind::Caption => {
+                self.on_caption(job, &text);
+                None
+            }
+            TaskKind::Transcribe | TaskKind::Summarize if job.class == JobClass::Text => {
+                self.feed
+                    .emit(job.t, Some(job.end), Body::TextSummary { text });
+                None
+            }
+            TaskKind::Transcribe | TaskKind::Summarize => {
+                if !text.is_empty() {
+                    self.transcript.push((job.t, job.end, text.clone()));
+                    self.feed
+                        .emit(job.t, Some(job.end), Body::Transcript { text });
+                }
+                None
+            }
+        };
+        self.governor_update(job, a);
+        follow
+    }
+
+    fn governor_update(&mut self, job: &Job, a: &Answer) {
+        let video = job.frame.is_some();
+        let media_s = if video {
+            1.0 / self.gov.model_fps()
+        } else {
+            job.audio_seconds()
+        };
+        let changed = self.gov.on_result(job.end, a.model_s, media_s, video);
+        let st = self.gov.state();
+        let m = &self.feed.metrics.model;
+        let n = self.name.as_str();
+        m.lag_seconds.with_label_values(&[n]).set(st.lag_seconds);
+        m.effective_fps
+            .with_label_values(&[n])
+            .set(st.effective_fps);
+        m.rtf.with_label_values(&[n, "video"]).set(st.rtf_video);
+        m.rtf.with_label_values(&[n, "audio"]).set(st.rtf_audio);
+        m.governor_level
+            .with_label_values(&[n])
+            .set(i64::from(st.level));
+        m.soft_tokens
+            .with_label_values(&[n])
+            .set(i64::from(st.soft_tokens));
+        if changed || job.end - self.last_state >= STATE_EVERY {
+            self.last_state = job.end;
+            self.feed.emit(
+                job.end,
+                None,
+                Body::State {
+                    state: SourceState::Running,
+                    reason: changed.then(|| format!("governor level {}", st.level)),
+                    attempt: None,
+                    retry_in: None,
+                    governor: Some(st),
+                },
+            );
+        }
+    }
+
+    fn on_watch(&mut self, job: &Job, text: &str) -> Option<Job> {
+        match watch::parse_reply(text, &self.spec.questions) {
+            Ok(answers) => {
+                for a in answers {
+                    if !a.yes || a.confidence < self.env.alerts.min_confidence {
+                        continue;
+                    }
+                    let snapshot = job.frame.as_ref().and_then(|f| self.snapshot(f));
+                    let body = Body::Alert {
+                        question: a.question,
+                        answer: "yes".into(),
+                        confidence: a.confidence,
+                        evidence: a.evidence,
+                        snapshot,
+                    };
+                    let ev = crate::event::Event::new(&self.name, job.t, None, body.clone());
+                    if let Some(w) = &self.env.webhooks {
+                        w.send(ev);
+                    }
+                    self.feed.emit(job.t, None, body);
+                }
+                None
+            }
+            Err(problem) if job.attempt == 0 => {
+                let mut retry = job.clone();
+                retry.attempt = 1;
+                retry.class = JobClass::Text;
+                retry.prompt =
+                    watch::retry_prompt(&self.env.prompts.watch, &self.spec.questions, &problem);
+                Some(retry)
+            }
+            Err(problem) => {
+                self.count_error(job);
+                self.feed.emit(
+                    job.t,
+                    None,
+                    Body::Error {
+                        message: format!(
+                            "watch: the model's answer is not valid after a retry: {problem}"
+                        ),
+                        raw: Some(text.chars().take(2000).collect()),
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    fn snapshot(&self, f: &VideoFrame) -> Option<String> {
+        if self.env.alerts.snapshot_dir.is_empty() {
+            return None;
+        }
+        let dir = PathBuf::from(&self.env.alerts.snapshot_dir).join(&self.name);
+        let path = dir.join(format!("{:010.3}.jpg", f.t));
+        let jpeg = encode_jpeg(f)?;
+        match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, jpeg)) {
+            Ok(()) => Some(path.display().to_string()),
+            Err(e) => {
+                tracing::warn!(source = %self.name, error = %e, path = %path.display(), "Cannot write the alert snapshot.");
+                None
+            }
+        }
+    }
+
+    fn on_caption(&mut self, job: &Job, text: &str) {
+        let updates = self
+            .stabilizer
+            .push(job.t, job.end, text, job.class == JobClass::FinalAudio);
+        for u in updates {
+            if u.status == CaptionStatus::Final {
+                self.write_caption(u.t, u.end, &u.text);
+            }
+            self.feed.emit(
+                u.t,
+                Some(u.end),
+                Body::Caption {
+                    text: u.text,
+                    status: u.status,
+                },
+            );
+        }
+    }
+
+    fn write_caption(&mut self, t: f64, end: f64, text: &str) {
+        let Some(dir) = &self.env.caption_dir else {
+            return;
+        };
+        if self.captions.is_none() && !self.caption_error {
+            let vtt = dir.join(format!("{}.vtt", self.name));
+            let srt = dir.join(format!("{}.srt", self.name));
+            match std::fs::create_dir_all(dir).and_then(|()| CaptionFiles::create(&vtt, &srt)) {
+                Ok(f) => self.captions = Some(f),
+                Err(e) => {
+                    self.caption_error = true;
+                    tracing::error!(source = %self.name, dir = %dir.display(), error = %e, "Cannot write caption files.");
+                }
+            }
+        }
+        if let Some(f) = &mut self.captions {
+            if let Err(e) = f.append(t, end, text) {
+                tracing::error!(source = %self.name, error = %e, "Cannot append a caption.");
+            }
+        }
+    }
+}
+
+fn mmss(t: f64) -> String {
+    let s = t.max(0.0) as u64;
+    format!("{:02}:{:02}", s / 60, s % 60)
+}
+
+/// JPEG (quality 85) of an RGB frame, for snapshots and the web page.
+pub fn encode_jpeg(f: &VideoFrame) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 85);
+    enc.write_image(&f.rgb, f.width, f.height, image::ExtendedColorType::Rgb8)
+        .ok()?;
+    Some(buf)
+}
+
+use image::ImageEncoder;
