@@ -145,6 +145,7 @@ impl Engine {
                 model_s,
                 prompt_tokens: req.input_ids.len(),
                 output_tokens: g.output_ids.len(),
+                batch: requests.len(),
             };
             let follow = lock(task).on_answer(job, &answer);
             if let Some(f) = follow {

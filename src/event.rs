@@ -106,6 +106,8 @@ pub enum Body {
         frames: u32,
         soft_tokens: u32,
         model_ms: f64,
+        /// Requests (across sources) in the batched step that answered this one.
+        batch: u32,
     },
     /// A `watch` question answered positively.
     Alert {

@@ -69,6 +69,8 @@ pub struct Answer {
     pub model_s: f64,
     pub prompt_tokens: usize,
     pub output_tokens: usize,
+    /// Requests in the batched step.
+    pub batch: usize,
 }
 
 /// What a source asks the model, changeable at runtime.
@@ -367,6 +369,7 @@ impl SourceTask {
                         frames: 1,
                         soft_tokens: job.soft_tokens as u32,
                         model_ms,
+                        batch: a.batch as u32,
                     },
                 );
                 None
