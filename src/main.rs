@@ -19,6 +19,9 @@ struct Cli {
 enum Command {
     /// Analyse one or more sources and write events as JSON Lines.
     Run(RunArgs),
+    /// Analyse recordings (files or folders) as fast as the model allows: a transcript
+    /// (VTT, SRT), events and a summary per recording; resumes where it was interrupted.
+    Analyze(AnalyzeArgs),
     /// Configuration files.
     Config {
         #[command(subcommand)]
@@ -77,6 +80,22 @@ struct RunArgs {
     questions: Vec<String>,
 }
 
+#[derive(Args)]
+struct AnalyzeArgs {
+    /// Recordings, or folders searched recursively for them.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// Output folder: one sub-folder per recording.
+    #[arg(long, short, default_value = "percept-out")]
+    out: PathBuf,
+    /// TOML configuration (see config/field-recordings.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The Gemma 4 model: a hub id or a local folder.
+    #[arg(long, value_name = "MODEL")]
+    model: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Gemma 4 decoder at real shapes with random weights.
@@ -125,6 +144,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => cmd_run(args),
+        Command::Analyze(args) => cmd_analyze(args),
         Command::Config {
             command: ConfigCommand::Check { files },
         } => cmd_config_check(&files),
@@ -206,6 +226,53 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("percept: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn cmd_analyze(args: AnalyzeArgs) -> ExitCode {
+    let mut cfg = match &args.config {
+        Some(p) => match Config::load(p) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("percept: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(m) = args.model {
+        cfg.model.id = m;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone());
+        let _ = signal_hook::flag::register(sig, stop.clone());
+    }
+    match percept::analyze::analyze(cfg, &args.paths, &args.out, stop) {
+        Ok(done) => {
+            for a in &done {
+                let how = if a.skipped {
+                    "already analysed".to_string()
+                } else if let Some(t) = a.resumed_from {
+                    format!(
+                        "resumed at {t:.1} s, {} transcript lines",
+                        a.transcript_windows
+                    )
+                } else {
+                    format!("{} transcript lines", a.transcript_windows)
+                };
+                eprintln!(
+                    "percept: {} -> {} ({how})",
+                    a.recording.display(),
+                    a.out_dir.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("percept: analyze: {e}");
             ExitCode::from(2)
         }
     }

@@ -196,6 +196,45 @@ fn prepare_one(cfg: &Config, sc: &SourceConfig) -> Result<Prepared, RunError> {
     }
 }
 
+/// A model that outlives one run (`percept analyze` loads it once for all recordings).
+#[derive(Clone)]
+pub struct SharedModel {
+    pub dispatch: Arc<Dispatch>,
+    pub live: Arc<LiveBoard>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl SharedModel {
+    /// Starts the model thread (loading in the background).
+    pub fn start(
+        cfg: &crate::config::ModelConfig,
+    ) -> Result<(SharedModel, JoinHandle<()>), RunError> {
+        let m = SharedModel {
+            dispatch: Arc::new(Dispatch::default()),
+            live: Arc::new(LiveBoard::default()),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let h = Engine {
+            cfg: cfg.clone(),
+            dispatch: m.dispatch.clone(),
+            live: m.live.clone(),
+            metrics: m.metrics.clone(),
+        }
+        .spawn()
+        .map_err(|e| RunError::Gst(format!("cannot start the model thread: {e}")))?;
+        Ok((m, h))
+    }
+}
+
+/// What `percept analyze` adds to a run of one recording.
+#[derive(Clone, Default)]
+pub struct RunExtras {
+    pub model: Option<SharedModel>,
+    pub resume: Option<crate::tasks::Resume>,
+    pub transcript_files: Option<(PathBuf, PathBuf)>,
+    pub checkpoint: Option<Arc<dyn Fn(f64, u64) + Send + Sync>>,
+}
+
 /// One source started by this run (kept after it ends, for its summary).
 struct Running {
     spec: SourceSpec,
@@ -221,6 +260,7 @@ struct Shared {
     dispatch: Arc<Dispatch>,
     env: TaskEnv,
     closing: AtomicBool,
+    resume: Option<crate::tasks::Resume>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -259,7 +299,7 @@ impl Shared {
         self.metrics
             .set_state(&p.spec.name, SourceState::Connecting);
         let task = (p.source.task != TaskKind::None && cfg.model.enabled).then(|| {
-            let t = Arc::new(Mutex::new(SourceTask::new(
+            let mut st = SourceTask::new(
                 feed.clone(),
                 TaskSpec {
                     task: p.source.task,
@@ -269,7 +309,11 @@ impl Shared {
                 p.params.fps,
                 live,
                 self.env.clone(),
-            )));
+            );
+            if let Some(r) = &self.resume {
+                st.resume(r);
+            }
+            let t = Arc::new(Mutex::new(st));
             self.dispatch.add_source(&p.spec.name, t.clone(), live);
             t
         });
@@ -278,6 +322,7 @@ impl Shared {
             video: vrx,
             audio: arx,
             task: task.clone(),
+            resume: self.resume.clone(),
         }));
         tracing::info!(source = %p.spec.name, uri = %p.spec.display, fps = p.params.fps, task = p.source.task.as_str(), "Starting source.");
         let stop = Arc::new(AtomicBool::new(false));
@@ -495,6 +540,17 @@ pub fn run(
     stop: Arc<AtomicBool>,
     reload: Arc<AtomicBool>,
 ) -> Result<RunReport, RunError> {
+    run_with(cfg, overrides, stop, reload, RunExtras::default())
+}
+
+/// [`run`] with a model shared across runs and recording hooks (`percept analyze`).
+pub fn run_with(
+    cfg: &Config,
+    overrides: &Overrides,
+    stop: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+    extras: RunExtras,
+) -> Result<RunReport, RunError> {
     gstreamer::init().map_err(|e| RunError::Gst(e.to_string()))?;
     let problems = cfg.validate();
     if !problems.is_empty() {
@@ -508,29 +564,32 @@ pub fn run(
         path: cfg.run.events.clone(),
         error,
     })?;
-    let metrics = Arc::new(Metrics::new());
     let board = Arc::new(StateBoard::default());
-    let live = Arc::new(LiveBoard::default());
     let budget = ByteBudget::new(cfg.queues.budget_bytes());
-    metrics.queue_budget_bytes.set(budget.limit() as i64);
-    let dispatch = Arc::new(Dispatch::default());
-    let needs_model = cfg.model.enabled;
-    let engine = if needs_model {
-        let e = Engine {
-            cfg: cfg.model.clone(),
-            dispatch: dispatch.clone(),
-            live: live.clone(),
-            metrics: metrics.clone(),
-        };
-        Some(
-            e.spawn()
-                .map_err(|e| RunError::Gst(format!("cannot start the model thread: {e}")))?,
-        )
-    } else {
-        dispatch.set_gate(ModelGate::Disabled);
-        live.set_model(crate::control::ModelStatus::Disabled);
-        None
+    let external = extras.model.is_some();
+    let (model, engine) = match extras.model.clone() {
+        Some(m) => (m, None),
+        None if cfg.model.enabled => {
+            let (m, h) = SharedModel::start(&cfg.model)?;
+            (m, Some(h))
+        }
+        None => {
+            let m = SharedModel {
+                dispatch: Arc::new(Dispatch::default()),
+                live: Arc::new(LiveBoard::default()),
+                metrics: Arc::new(Metrics::new()),
+            };
+            m.dispatch.set_gate(ModelGate::Disabled);
+            m.live.set_model(crate::control::ModelStatus::Disabled);
+            (m, None)
+        }
     };
+    let SharedModel {
+        dispatch,
+        live,
+        metrics,
+    } = model;
+    metrics.queue_budget_bytes.set(budget.limit() as i64);
     let queue_stop = Arc::new(AtomicBool::new(false));
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let worker = Worker::new(
@@ -558,6 +617,8 @@ pub fn run(
         live_board: live.clone(),
         webhooks,
         caption_dir: (!cfg.captions.dir.is_empty()).then(|| PathBuf::from(&cfg.captions.dir)),
+        transcript_files: extras.transcript_files.clone(),
+        checkpoint: extras.checkpoint.clone(),
     };
     let shared = Arc::new(Shared {
         cfg: Mutex::new(cfg.clone()),
@@ -572,6 +633,7 @@ pub fn run(
         dispatch: dispatch.clone(),
         env,
         closing: AtomicBool::new(false),
+        resume: extras.resume.clone(),
     });
     let _server = if cfg.http.enabled {
         let control: Arc<dyn ControlApi> = shared.clone();
@@ -649,7 +711,17 @@ pub fn run(
         }
         dispatch.wait_idle(None);
     }
-    dispatch.close();
+    if external {
+        for r in lock(&shared.sources).iter() {
+            for (j, why) in dispatch.remove_source(&r.spec.name) {
+                if let Some(t) = &r.task {
+                    lock(t).on_skipped(&j, why);
+                }
+            }
+        }
+    } else {
+        dispatch.close();
+    }
     if let Some(h) = engine {
         // A model still loading at Ctrl-C is left behind rather than waited for.
         if dispatch.gate() != ModelGate::Loading {

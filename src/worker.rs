@@ -23,6 +23,8 @@ pub struct WorkerSource {
     pub audio: QueueRx<AudioChunk>,
     /// What the model does with this source; None = signal analysis only.
     pub task: Option<Arc<Mutex<SourceTask>>>,
+    /// An interrupted recording: media already analysed is not analysed twice.
+    pub resume: Option<crate::tasks::Resume>,
 }
 
 pub enum Control {
@@ -185,6 +187,14 @@ impl Worker {
     }
 
     fn analyse_frame(&self, slot: &mut Slot, frame: VideoFrame) {
+        if let Some(after) = slot.src.resume.as_ref().and_then(|r| r.frame_after) {
+            if frame.t <= after + 1e-6 {
+                slot.src
+                    .feed
+                    .drop_frames(std::slice::from_ref(&frame), "resumed");
+                return;
+            }
+        }
         let motion = self.signal_frame(slot, &frame);
         if let Some(t) = &slot.src.task {
             let job = lock(t).on_frame(frame, motion);
@@ -229,6 +239,21 @@ impl Worker {
         let feed = &slot.src.feed;
         let level = level_dbfs(&chunk.samples);
         let voice = self.vad.analyse(&chunk.samples).voice && level >= self.cfg.voice_min_dbfs;
+        if let Some(r) = &slot.src.resume {
+            // Resuming: `audio` events up to audio_after exist already; the model hears
+            // again from model_from (the chunker's grid is the same in both runs).
+            let already = chunk.t + chunk.duration() <= r.audio_after + 1e-6;
+            let to_model = chunk.t >= r.model_from - 1e-6;
+            if already {
+                if to_model {
+                    if let Some(t) = &slot.src.task {
+                        let jobs = lock(t).on_audio(&chunk, voice, level);
+                        self.offer(t, jobs);
+                    }
+                }
+                return;
+            }
+        }
         self.delay();
         let latency = chunk.captured.elapsed().as_secs_f64();
         let n = chunk.samples.len() as u64;

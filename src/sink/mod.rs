@@ -18,12 +18,16 @@ pub struct Events {
 
 struct Inner {
     writer: Mutex<Option<Writer>>,
+    /// Bytes in the events file after the last complete line (file targets; for
+    /// checkpoints that must point between lines).
+    written: std::sync::atomic::AtomicU64,
     subscribers: Mutex<Vec<crossbeam_channel::Sender<Event>>>,
 }
 
 impl Events {
     /// "-" writes to stdout; anything else is a file path, appended to.
     pub fn open(target: &str) -> io::Result<Events> {
+        let mut start = 0;
         let writer: Writer = if target == "-" {
             Box::new(io::stdout())
         } else {
@@ -31,15 +35,22 @@ impl Events {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+            let f = OpenOptions::new().create(true).append(true).open(path)?;
+            start = f.metadata()?.len();
+            Box::new(f)
         };
-        Ok(Events::with_writer(Some(writer)))
+        let e = Events::with_writer(Some(writer));
+        e.inner
+            .written
+            .store(start, std::sync::atomic::Ordering::Relaxed);
+        Ok(e)
     }
 
     pub fn with_writer(writer: Option<Writer>) -> Events {
         Events {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
+                written: std::sync::atomic::AtomicU64::new(0),
                 subscribers: Mutex::new(Vec::new()),
             }),
         }
@@ -69,7 +80,13 @@ impl Events {
                     }
                 };
                 line.push(b'\n');
-                if let Err(e) = w.write_all(&line).and_then(|()| w.flush()) {
+                let res = w.write_all(&line).and_then(|()| w.flush());
+                if res.is_ok() {
+                    self.inner
+                        .written
+                        .fetch_add(line.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                if let Err(e) = res {
                     // A closed pipe (`percept run ... | head`) is the reader's choice, not an error.
                     if e.kind() != io::ErrorKind::BrokenPipe {
                         tracing::error!(error = %e, "Cannot write events; further events are not written.");
@@ -87,6 +104,15 @@ impl Events {
             Ok(()) | Err(crossbeam_channel::TrySendError::Full(_)) => true,
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
         });
+    }
+
+    /// Byte length of the events file after the last complete event.
+    pub fn position(&self) -> u64 {
+        // Taken under the writer lock so it never points inside a line being written.
+        let _guard = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner
+            .written
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn flush(&self) {

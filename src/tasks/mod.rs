@@ -94,6 +94,24 @@ pub struct TaskEnv {
     pub webhooks: Option<webhook::Webhooks>,
     /// Where caption files go for this run (None: no files).
     pub caption_dir: Option<PathBuf>,
+    /// Recordings (`percept analyze`): transcript cues go to these VTT/SRT files.
+    pub transcript_files: Option<(PathBuf, PathBuf)>,
+    /// Called after each transcript window is written, with its end (media seconds) and
+    /// the events file length then.
+    pub checkpoint: Option<Arc<dyn Fn(f64, u64) + Send + Sync>>,
+}
+
+/// Where an interrupted recording analysis picks up (see `percept analyze`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resume {
+    /// Audio from here on goes to the model again (end of the last committed window).
+    pub model_from: f64,
+    /// `audio` events already written up to this media time.
+    pub audio_after: f64,
+    /// `frame` events already written up to and including this media time.
+    pub frame_after: Option<f64>,
+    /// Transcript windows already committed: (t, end, text).
+    pub transcript: Vec<(f64, f64, String)>,
 }
 
 /// Seconds of audio kept for `listen-and-look`.
@@ -118,6 +136,7 @@ pub struct SourceTask {
     caption_error: bool,
     recent_audio: VecDeque<(f64, Vec<f32>, bool)>,
     transcript: Vec<(f64, f64, String)>,
+    transcript_files: Option<CaptionFiles>,
     last_state: f64,
 }
 
@@ -138,7 +157,29 @@ impl SourceTask {
             caption_error: false,
             recent_audio: VecDeque::new(),
             transcript: Vec::new(),
+            transcript_files: None,
             last_state: f64::NEG_INFINITY,
+        }
+    }
+
+    /// Continue an interrupted recording: its committed transcript is kept (and the
+    /// transcript files rewritten from it).
+    pub fn resume(&mut self, r: &Resume) {
+        self.transcript = r.transcript.clone();
+        if let Some((vtt, srt)) = &self.env.transcript_files {
+            match CaptionFiles::create(vtt, srt) {
+                Ok(mut f) => {
+                    for (t, end, text) in &self.transcript {
+                        if let Err(e) = f.append(*t, *end, text) {
+                            tracing::error!(error = %e, "Cannot rewrite the transcript.");
+                        }
+                    }
+                    self.transcript_files = Some(f);
+                }
+                Err(e) => {
+                    tracing::error!(path = %vtt.display(), error = %e, "Cannot write the transcript.")
+                }
+            }
         }
     }
 
@@ -401,8 +442,14 @@ impl SourceTask {
             TaskKind::Transcribe | TaskKind::Summarize => {
                 if !text.is_empty() {
                     self.transcript.push((job.t, job.end, text.clone()));
+                    self.write_transcript(job.t, job.end, &text);
                     self.feed
                         .emit(job.t, Some(job.end), Body::Transcript { text });
+                }
+                if job.class == JobClass::FinalAudio {
+                    if let Some(cp) = &self.env.checkpoint {
+                        cp(job.end, self.feed.events.position());
+                    }
                 }
                 None
             }
@@ -533,6 +580,25 @@ impl SourceTask {
         }
     }
 
+    fn write_transcript(&mut self, t: f64, end: f64, text: &str) {
+        if self.transcript_files.is_none() {
+            if let Some((vtt, srt)) = &self.env.transcript_files {
+                match CaptionFiles::create(vtt, srt) {
+                    Ok(f) => self.transcript_files = Some(f),
+                    Err(e) => {
+                        tracing::error!(path = %vtt.display(), error = %e, "Cannot write the transcript.");
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(f) = &mut self.transcript_files {
+            if let Err(e) = f.append(t, end, text) {
+                tracing::error!(source = %self.name, error = %e, "Cannot append to the transcript.");
+            }
+        }
+    }
+
     fn write_caption(&mut self, t: f64, end: f64, text: &str) {
         let Some(dir) = &self.env.caption_dir else {
             return;
@@ -554,6 +620,11 @@ impl SourceTask {
             }
         }
     }
+}
+
+/// Valid subtitle files with no cue (a recording without speech).
+pub fn empty_transcript_files(vtt: &std::path::Path, srt: &std::path::Path) -> std::io::Result<()> {
+    CaptionFiles::create(vtt, srt).map(|_| ())
 }
 
 fn mmss(t: f64) -> String {

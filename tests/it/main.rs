@@ -3,6 +3,7 @@
 //! Integration tests: one binary, a module per area. Media is made by the tests themselves
 //! (GStreamer test sources, x264, ffmpeg, espeak-ng).
 
+mod analyze;
 mod bad_input;
 mod common;
 mod config_files;
