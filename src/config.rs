@@ -82,6 +82,14 @@ pub struct SourceConfig {
     /// Replaces the task's default prompt for this source.
     #[serde(default)]
     pub prompt: Option<String>,
+    /// `describe`: frames per request. 1 describes each frame; more sends a window of
+    /// frames as video (`mm:ss`-stamped, 70 soft tokens each).
+    #[serde(default = "one")]
+    pub window_frames: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl SourceConfig {
@@ -99,6 +107,7 @@ impl SourceConfig {
             task: TaskKind::default(),
             questions: Vec::new(),
             prompt: None,
+            window_frames: 1,
         }
     }
 }
@@ -781,6 +790,9 @@ impl Config {
                 if !t.is_file() {
                     p.push(format!("{at}: template {} does not exist", t.display()));
                 }
+            }
+            if !(1..=32).contains(&s.window_frames) {
+                p.push(format!("{at}: window_frames must be in 1..=32, got {}", s.window_frames));
             }
             if s.task == TaskKind::Watch && s.questions.is_empty() {
                 p.push(format!("{at}: task 'watch' needs at least one question"));

@@ -62,6 +62,12 @@ impl Engine {
             id,
             load_seconds: (load_seconds * 100.0).round() / 100.0,
         });
+        self.serve(model);
+    }
+
+    /// Answers jobs with an already loaded model until the dispatch closes; gives the
+    /// model back (the benchmark reuses one across runs).
+    pub fn serve(self, model: Gemma4) -> Gemma4 {
         self.metrics.model.ready.set(1);
         self.dispatch.set_gate(ModelGate::Ready);
         let enc = TowerEncoder::new(crate::model::media::DEFAULT_IMAGE_SOFT_TOKENS);
@@ -70,6 +76,7 @@ impl Engine {
             self.step(&model, &enc, batch);
             self.dispatch.done(n);
         }
+        model
     }
 
     fn load(&self) -> Result<Gemma4, String> {
@@ -180,6 +187,25 @@ pub fn build_request(model: &Gemma4, enc: &TowerEncoder, job: &Job) -> Result<Re
         });
         soft.images.push(t);
         content.push(ChatContent::Image);
+    }
+    if !job.video.is_empty() {
+        let mut stamps = Vec::with_capacity(job.video.len());
+        let mut per_frame = 0;
+        for f in &job.video {
+            let img = RgbImage::new(f.width as usize, f.height as usize, f.rgb.clone());
+            let t = enc
+                .encode_rgb(model, &img, job.soft_tokens)
+                .map_err(|e| e.to_string())?;
+            per_frame = t.dim(0).map_err(|e| e.to_string())?;
+            soft.videos.push(t);
+            // Stamps relative to the window start, as the reference's video processor does.
+            stamps.push(f.t - job.t);
+        }
+        media.push(MediaItem::Video {
+            tokens_per_frame: per_frame,
+            timestamps_s: stamps,
+        });
+        content.push(ChatContent::Video);
     }
     if let Some(a) = &job.audio {
         let t = enc.encode_samples(model, a).map_err(|e| e.to_string())?;

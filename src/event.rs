@@ -108,6 +108,8 @@ pub enum Body {
         model_ms: f64,
         /// Requests (across sources) in the batched step that answered this one.
         batch: u32,
+        /// Wall milliseconds from capture to this answer.
+        latency_ms: f64,
     },
     /// A `watch` question answered positively.
     Alert {
@@ -131,6 +133,9 @@ pub enum Body {
     Scene {
         text: String,
         audio_seconds: f64,
+        model_ms: f64,
+        batch: u32,
+        latency_ms: f64,
     },
     /// A text summary (the `summarize` task), kind `summary` like the per-source
     /// statistics; it is told apart by `text`.

@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod preprocess;
+pub mod pipeline_bench;
 pub mod progress;
 pub mod queue;
 pub mod run;

@@ -100,6 +100,8 @@ struct AnalyzeArgs {
 enum BenchCmd {
     /// Gemma 4 decoder at real shapes with random weights.
     Model(percept::model::bench::BenchArgs),
+    /// The live pipeline with a random-weight model at the real shape, for 1, 2, 4 sources.
+    Pipeline(percept::pipeline_bench::PipelineBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -150,6 +152,7 @@ fn main() -> ExitCode {
         } => cmd_config_check(&files),
         Command::Model(m) => report(percept::model::cli::run(m, None)),
         Command::Bench(BenchCmd::Model(b)) => report(percept::model::bench::run(&b)),
+        Command::Bench(BenchCmd::Pipeline(b)) => report(percept::pipeline_bench::run(&b)),
         Command::Testsrc { command } => match command {
             TestsrcCommand::Rtsp {
                 port,

@@ -305,6 +305,7 @@ impl Shared {
                     task: p.source.task,
                     questions: p.source.questions.clone(),
                     prompt: p.source.prompt.clone(),
+                    window_frames: p.source.window_frames,
                 },
                 p.params.fps,
                 live,

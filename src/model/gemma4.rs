@@ -34,8 +34,18 @@ impl Gemma4 {
     }
 
     pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<Self, LoadError> {
-        let config = Gemma4Config::from_file(&files.config)?;
         let weights = Weights::open(&files.weights, &opts.device, opts.dtype)?;
+        Self::assemble(files, opts, weights)
+    }
+
+    /// Builds the model from `files`' config and tokenizer over any weights (the
+    /// benchmarks pass random weights at real shapes).
+    pub fn assemble(
+        files: ModelFiles,
+        opts: &LoadOptions,
+        weights: Weights,
+    ) -> Result<Self, LoadError> {
+        let config = Gemma4Config::from_file(&files.config)?;
         let text = TextModel::load(&weights, &config.text_config, opts)?;
         let tokenizer = match &files.tokenizer {
             Some(_) => Some(Gemma4Tokenizer::load(&files)?),

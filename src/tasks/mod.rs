@@ -42,6 +42,8 @@ pub struct Job {
     pub t: f64,
     pub end: f64,
     pub frame: Option<Arc<VideoFrame>>,
+    /// A window of frames sent as video (describe with `window_frames` > 1).
+    pub video: Vec<Arc<VideoFrame>>,
     pub audio: Option<Arc<Vec<f32>>>,
     /// The user text of the prompt.
     pub prompt: String,
@@ -79,7 +81,11 @@ pub struct TaskSpec {
     pub task: TaskKind,
     pub questions: Vec<String>,
     pub prompt: Option<String>,
+    pub window_frames: u32,
 }
+
+/// Soft tokens per frame of a video window (the reference's video default).
+pub const VIDEO_FRAME_TOKENS: usize = 70;
 
 /// Everything a task needs besides its own state.
 #[derive(Clone)]
@@ -135,6 +141,7 @@ pub struct SourceTask {
     captions: Option<CaptionFiles>,
     caption_error: bool,
     recent_audio: VecDeque<(f64, Vec<f32>, bool)>,
+    window: Vec<Arc<VideoFrame>>,
     transcript: Vec<(f64, f64, String)>,
     transcript_files: Option<CaptionFiles>,
     last_state: f64,
@@ -156,6 +163,7 @@ impl SourceTask {
             captions: None,
             caption_error: false,
             recent_audio: VecDeque::new(),
+            window: Vec::new(),
             transcript: Vec::new(),
             transcript_files: None,
             last_state: f64::NEG_INFINITY,
@@ -209,6 +217,7 @@ impl SourceTask {
             t,
             end,
             frame: None,
+            video: Vec::new(),
             audio: None,
             prompt: self.prompt_for(self.spec.task),
             soft_tokens: self.gov.soft_tokens() as usize,
@@ -254,6 +263,23 @@ impl SourceTask {
         }
         let captured = frame.captured;
         let t = frame.t;
+        if task == TaskKind::Describe && self.spec.window_frames > 1 {
+            self.window.push(Arc::new(frame));
+            if self.window.len() < self.spec.window_frames as usize {
+                return None;
+            }
+            let frames = std::mem::take(&mut self.window);
+            let t0 = frames.first().map(|f| f.t).unwrap_or(t);
+            let mut job = self.job(JobClass::Frame, t0, t, captured);
+            job.prompt = self
+                .spec
+                .prompt
+                .clone()
+                .unwrap_or_else(|| self.env.prompts.describe_video.clone());
+            job.soft_tokens = VIDEO_FRAME_TOKENS;
+            job.video = frames;
+            return Some(job);
+        }
         let mut job = self.job(JobClass::Frame, t, t, captured);
         if task == TaskKind::ListenAndLook {
             let voice_only = self.gov.audio_voice_only();
@@ -399,18 +425,21 @@ impl SourceTask {
             .observe(job.captured.elapsed().as_secs_f64());
         let text = suppress_repetition(a.text.trim());
         let model_ms = (a.model_s * 1e4).round() / 10.0;
+        let latency_ms = (job.captured.elapsed().as_secs_f64() * 1e4).round() / 10.0;
         let follow = match job.task {
             TaskKind::Describe | TaskKind::None => {
-                self.env.live_board.describe_frame(&self.name, job.t, &text);
+                self.env.live_board.describe_frame(&self.name, job.end, &text);
+                let frames = job.video.len().max(1) as u32;
                 self.feed.emit(
                     job.t,
-                    None,
+                    (frames > 1).then_some(job.end),
                     Body::Description {
                         text,
-                        frames: 1,
+                        frames,
                         soft_tokens: job.soft_tokens as u32,
                         model_ms,
                         batch: a.batch as u32,
+                        latency_ms,
                     },
                 );
                 None
@@ -426,6 +455,9 @@ impl SourceTask {
                     Body::Scene {
                         text,
                         audio_seconds: (job.audio_seconds() * 1000.0).round() / 1000.0,
+                        model_ms,
+                        batch: a.batch as u32,
+                        latency_ms,
                     },
                 );
                 None
@@ -459,7 +491,7 @@ impl SourceTask {
     }
 
     fn governor_update(&mut self, job: &Job, a: &Answer) {
-        let video = job.frame.is_some();
+        let video = job.frame.is_some() || !job.video.is_empty();
         let media_s = if video {
             1.0 / self.gov.model_fps()
         } else {
