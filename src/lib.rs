@@ -5,6 +5,7 @@
 //! [`queue`] (bounded, counted) -> [`worker`] (analysis: [`signal`]) -> [`sink`] (events) ->
 //! [`http`] / [`metrics`]. The Gemma 4 model lives in [`model`].
 
+pub mod caption;
 pub mod config;
 pub mod control;
 pub mod event;
