@@ -8,4 +8,5 @@ mod common;
 mod config_files;
 mod files;
 mod live;
+mod mqtt;
 mod rtsp;
