@@ -19,6 +19,7 @@
 
 use std::collections::VecDeque;
 
+use crate::caption::window::AudioWindow;
 use crate::event::CaptionStatus;
 
 /// Longest final cue, in characters: two subtitle lines of 42.
@@ -50,6 +51,15 @@ struct Word {
     key: String,
     start: f64,
     end: f64,
+}
+
+/// How a transcript's window ends.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Partial,
+    Final,
+    /// Cut at the maximum length; words ending after this time are left to the next window.
+    Cut(f64),
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +96,27 @@ impl Stabilizer {
     /// final cues this makes (in time order), then at most one partial caption with the
     /// current hypothesis (only when it changed).
     pub fn push(&mut self, t0: f64, t1: f64, text: &str, is_final: bool) -> Vec<CaptionUpdate> {
+        let end = if is_final { End::Final } else { End::Partial };
+        self.push_as(t0, t1, text, end)
+    }
+
+    /// A final window cut at the maximum length, whose end the next window (starting at
+    /// `next_t0`) hears again: its words in the second half of that overlap are left to the
+    /// next window, because a word cut at this window's end comes out as a fragment here.
+    /// The open cue stays open, as speech goes on.
+    pub fn push_cut(&mut self, t0: f64, t1: f64, text: &str, next_t0: f64) -> Vec<CaptionUpdate> {
+        self.push_as(t0, t1, text, End::Cut((next_t0 + t1) / 2.0))
+    }
+
+    /// [`push`](Self::push) or [`push_cut`](Self::push_cut) as the window says.
+    pub fn push_window(&mut self, window: &AudioWindow, text: &str) -> Vec<CaptionUpdate> {
+        match (window.is_final, window.next_t0) {
+            (true, Some(next)) => self.push_cut(window.t0, window.end(), text, next),
+            (is_final, _) => self.push(window.t0, window.end(), text, is_final),
+        }
+    }
+
+    fn push_as(&mut self, t0: f64, t1: f64, text: &str, end: End) -> Vec<CaptionUpdate> {
         let words = timed_words(&suppress_repetition(text), t0, t1.max(t0));
         let same = self
             .window
@@ -108,19 +139,36 @@ impl Stabilizer {
         let own = &words[skip..];
         let pos = committed_end_in(own, &ws.committed, self.final_end);
         let tentative = &own[pos..];
-        let agreed = if is_final {
-            tentative.len()
-        } else {
-            common_prefix(&ws.tentative, tentative)
+        let agreed = match end {
+            End::Partial => common_prefix(&ws.tentative, tentative),
+            End::Final => tentative.len(),
+            End::Cut(hold_from) => tentative.iter().take_while(|w| w.end <= hold_from).count(),
         };
         for w in &tentative[..agreed] {
             ws.committed.push(w.key.clone());
             self.commit(w.clone(), &mut out);
         }
-        if is_final {
-            self.close_cue(&mut out);
-            self.last_partial = None;
-            return out;
+        // A cue the next word cannot join is closed now rather than when that word is
+        // final: the viewer gets it a partial period or two sooner.
+        if let Some(next) = tentative.get(agreed) {
+            if !self.fits(next) {
+                self.close_cue(&mut out);
+            }
+        }
+        match end {
+            End::Partial => {}
+            End::Final => {
+                self.close_cue(&mut out);
+                self.last_partial = None;
+                return out;
+            }
+            End::Cut(_) => {
+                // Until the next window is heard, the held-back words are the hypothesis.
+                if let Some(p) = self.partial(&tentative[agreed..]) {
+                    out.push(p);
+                }
+                return out;
+            }
         }
         ws.tentative = tentative[agreed..].to_vec();
         if let Some(p) = self.partial(&ws.tentative) {
@@ -153,11 +201,8 @@ impl Stabilizer {
         // captions must stay in order, so they are pushed forward.
         w.start = w.start.max(self.final_end);
         w.end = w.end.max(w.start);
-        if let Some(first) = self.open.first() {
-            let chars = joined_len(&self.open) + 1 + w.text.chars().count();
-            if chars > MAX_CUE_CHARS || w.end - first.start > MAX_CUE_SECONDS {
-                self.close_cue(out);
-            }
+        if !self.fits(&w) {
+            self.close_cue(out);
         }
         self.final_end = w.end;
         self.tail.push_back(w.clone());
@@ -169,6 +214,15 @@ impl Stabilizer {
         if sentence_end {
             self.close_cue(out);
         }
+    }
+
+    /// Whether `w` can join the open cue within the cue limits.
+    fn fits(&self, w: &Word) -> bool {
+        let Some(first) = self.open.first() else {
+            return true;
+        };
+        let chars = joined_len(&self.open) + 1 + w.text.chars().count();
+        chars <= MAX_CUE_CHARS && w.end.max(self.final_end) - first.start <= MAX_CUE_SECONDS
     }
 
     fn close_cue(&mut self, out: &mut Vec<CaptionUpdate>) {
@@ -546,22 +600,27 @@ mod tests {
         assert_eq!(finals(&u), ["Thank you."]);
     }
 
-    /// A long talk cut into overlapping windows, each transcribed from the "true" word
-    /// times, with growing partials: the final text is the talk, once, in order.
+    /// A long talk cut into overlapping windows with growing partials, transcribed the way a
+    /// model hears audio cut at the edges: a word cut at the window start comes out as a
+    /// fragment, one cut at the end half-said. The final text is the talk, once, in order,
+    /// in cues that never overlap.
     #[test]
     fn streamed_talk_reads_back_exactly() {
         let talk: Vec<String> = (0..200).map(|i| format!("w{i}")).collect();
-        // One word every 0.4 s.
-        let words_in = |a: f64, b: f64| -> String {
-            talk.iter()
-                .enumerate()
-                .filter(|(i, _)| {
-                    let t = *i as f64 * 0.4;
-                    t >= a && t + 0.3 <= b
-                })
-                .map(|(_, w)| w.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
+        // One word every 0.4 s, each 0.3 s long.
+        let heard = |a: f64, b: f64| -> String {
+            let mut out = Vec::new();
+            for (i, w) in talk.iter().enumerate() {
+                let (ws, we) = (i as f64 * 0.4, i as f64 * 0.4 + 0.3);
+                if ws < a && we > a {
+                    out.push("ment".to_string());
+                } else if ws >= a && we <= b {
+                    out.push(w.clone());
+                } else if ws >= a && ws < b {
+                    out.push(w[..2].to_string());
+                }
+            }
+            out.join(" ")
         };
         let mut s = Stabilizer::new();
         let mut out = Vec::new();
@@ -571,17 +630,26 @@ mod tests {
             let end = (t0 + 30.0f64).min(total);
             let mut t = t0 + 2.0;
             while t < end {
-                out.extend(s.push(t0, t, &words_in(t0, t), false));
+                out.extend(s.push(t0, t, &heard(t0, t), false));
                 t += 2.0;
             }
-            out.extend(s.push(t0, end, &words_in(t0, end), true));
             if end >= total {
+                out.extend(s.push(t0, end, &heard(t0, end), true));
                 break;
             }
-            t0 = end - 2.0;
+            // Cut 0.15 s into a word: the next window starts 2 s earlier, inside a word too.
+            let next = end - 2.0 + 0.15;
+            out.extend(s.push_cut(t0, end, &heard(t0, end), next));
+            t0 = next;
         }
         out.extend(s.finish());
         let text: Vec<&str> = finals(&out);
         assert_eq!(text.join(" "), talk.join(" "));
+        let mut prev_end = 0.0;
+        for c in out.iter().filter(|c| c.status == CaptionStatus::Final) {
+            assert!(c.t >= prev_end - 1e-9 && c.end >= c.t, "{c:?}");
+            assert!(c.text.chars().count() <= MAX_CUE_CHARS);
+            prev_end = c.end;
+        }
     }
 }

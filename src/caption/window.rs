@@ -37,6 +37,10 @@ pub struct AudioWindow {
     pub samples: Vec<f32>,
     /// `false`: the window may still grow (a partial); `true`: it is cut and will not change.
     pub is_final: bool,
+    /// On a final window cut at the maximum length: where the next window starts (it
+    /// re-hears `[next_t0, end)`, so words cut at this window's end are heard whole there).
+    /// `None` on partials and on windows cut at a pause.
+    pub next_t0: Option<f64>,
 }
 
 impl AudioWindow {
@@ -74,8 +78,8 @@ struct Active {
     /// Audio before this was already in an earlier final window (the overlap); a window
     /// with no voice after it says nothing new.
     fresh_from: usize,
-    /// Just past the latest voice chunk, when it lies after `fresh_from`.
-    voice_end: Option<usize>,
+    /// Just past the latest voice chunk; 0 when that chunk lies before this window.
+    voice_end: usize,
     /// Non-voice samples since the latest voice chunk.
     silence: usize,
     /// Window length when the latest partial went out (or where fresh audio starts).
@@ -86,7 +90,7 @@ struct Active {
 
 impl Active {
     fn has_fresh_voice(&self) -> bool {
-        self.voice_end.is_some_and(|v| v > self.fresh_from)
+        self.voice_end > self.fresh_from
     }
 
     fn window(&self, len: usize, is_final: bool) -> AudioWindow {
@@ -94,6 +98,7 @@ impl Active {
             t0: self.t0,
             samples: self.samples[..len].to_vec(),
             is_final,
+            next_t0: None,
         }
     }
 }
@@ -180,7 +185,7 @@ impl AudioWindower {
                 t0,
                 samples,
                 fresh_from: 0,
-                voice_end: Some(len),
+                voice_end: len,
                 silence: 0,
                 last_partial: start,
                 quiet: None,
@@ -192,7 +197,7 @@ impl AudioWindower {
         a.samples.extend_from_slice(chunk);
         let len = a.samples.len();
         if voice {
-            a.voice_end = Some(len);
+            a.voice_end = len;
             a.silence = 0;
         } else {
             a.silence += chunk.len();
@@ -221,7 +226,7 @@ impl AudioWindower {
             return;
         }
         let len = a.samples.len();
-        let new_voice = a.voice_end.is_some_and(|v| v > a.last_partial);
+        let new_voice = a.voice_end > a.last_partial;
         if new_voice && len - a.last_partial >= self.partial_every {
             out.push(a.window(len, false));
             a.last_partial = len;
@@ -239,19 +244,21 @@ impl AudioWindower {
             .map(|(qs, qe)| (qs + qe) / 2)
             .filter(|&mid| mid >= self.max / 2 && mid <= self.max);
         let cut = soft.unwrap_or(self.max);
-        if a.has_fresh_voice() && a.voice_end.is_some_and(|v| v.min(cut) > a.fresh_from) {
-            out.push(a.window(cut, true));
-        }
         // cut >= max/2 > overlap (see `new`), so every cut moves the window forward.
         let shift = cut - self.overlap;
+        if a.voice_end.min(cut) > a.fresh_from {
+            let mut w = a.window(cut, true);
+            w.next_t0 = Some(a.t0 + shift as f64 / RATE);
+            out.push(w);
+        }
         a.samples.drain(..shift);
         a.t0 += shift as f64 / RATE;
         a.fresh_from = self.overlap;
-        a.voice_end = a
-            .voice_end
-            .filter(|&v| v > cut)
-            .map(|v| v - shift)
-            .or(Some(0)); // Some(0): voice seen, but none fresh yet (keeps the pause rule).
+        a.voice_end = if a.voice_end > cut {
+            a.voice_end - shift
+        } else {
+            0
+        };
         a.last_partial = self.overlap;
         a.quiet = a
             .quiet
@@ -267,9 +274,10 @@ impl AudioWindower {
             return;
         };
         let len = a.samples.len();
-        let end = match a.voice_end {
-            Some(v) if v > a.fresh_from => (v + self.preroll_len).min(len),
-            _ => len,
+        let end = if a.has_fresh_voice() {
+            (a.voice_end + self.preroll_len).min(len)
+        } else {
+            len
         };
         if a.has_fresh_voice() {
             out.push(a.window(end, true));
@@ -383,6 +391,9 @@ mod tests {
         assert!(close(finals[0].t0, 0.0) && close(finals[0].end(), 30.0));
         assert!(close(finals[1].t0, 28.0) && close(finals[1].end(), 58.0));
         assert!(close(finals[2].t0, 56.0) && close(finals[2].end(), 70.0));
+        assert_eq!(finals[0].next_t0, Some(finals[1].t0));
+        assert_eq!(finals[1].next_t0, Some(finals[2].t0));
+        assert_eq!(finals[2].next_t0, None, "flushed, nothing follows");
         for w in &f.out {
             assert!(w.duration() <= 30.0 + 1e-9);
             assert_genuine(w);
