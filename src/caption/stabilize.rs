@@ -92,6 +92,21 @@ impl Stabilizer {
         Stabilizer::default()
     }
 
+    /// Continues after captions already final (resuming an interrupted analysis): nothing is
+    /// made final before `final_end`, and a window that overlaps it has the words of
+    /// `last_text` (the latest final caption) removed from its start.
+    pub fn resume(final_end: f64, last_text: &str) -> Stabilizer {
+        let mut tail: VecDeque<Word> = timed_words(last_text, final_end, final_end).into();
+        while tail.len() > TAIL_WORDS {
+            tail.pop_front();
+        }
+        Stabilizer {
+            tail,
+            final_end,
+            ..Stabilizer::default()
+        }
+    }
+
     /// The model's transcript `text` of the window `[t0, t1)` (media seconds). Returns the
     /// final cues this makes (in time order), then at most one partial caption with the
     /// current hypothesis (only when it changed).
@@ -549,6 +564,14 @@ mod tests {
         // Nothing matches; the first half of this window lies before the final end.
         let u = s.push(5.0, 15.0, "zzz yyy one two", true);
         assert_eq!(finals(&u), ["one two"]);
+    }
+
+    #[test]
+    fn resume_continues_after_the_final_text() {
+        let mut s = Stabilizer::resume(30.0, "see you at the office downtown");
+        let u = s.push(28.0, 32.0, "office downtown at noon", true);
+        assert_eq!(finals(&u), ["at noon"]);
+        assert!(u.iter().all(|c| c.t >= 30.0));
     }
 
     #[test]

@@ -28,13 +28,29 @@ struct Broker {
 
 impl Broker {
     fn start(port: u16) -> Broker {
+        Broker::start_with(port, None)
+    }
+
+    /// With `login`, anonymous clients are refused and only that user/password gets in.
+    fn start_with(port: u16, login: Option<(&str, &str)>) -> Broker {
         let dir = tmpdir("mosquitto");
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
+        let mut text = format!("listener {port} 127.0.0.1\npersistence false\n");
+        match login {
+            None => text.push_str("allow_anonymous true\n"),
+            Some((user, pass)) => {
+                let file = dir.join("passwd");
+                crate::common::run_tool(
+                    "mosquitto_passwd",
+                    &["-b", "-c", file.to_str().unwrap(), user, pass],
+                );
+                text.push_str(&format!(
+                    "allow_anonymous false\npassword_file {}\n",
+                    file.display()
+                ));
+            }
+        }
+        std::fs::write(&conf, text).unwrap();
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
@@ -65,8 +81,19 @@ impl Drop for Broker {
 /// A subscriber on `filter`; returns once the broker confirmed the subscription. Messages
 /// arrive as (topic, JSON payload).
 fn subscribe(port: u16, filter: &str) -> (Client, Receiver<(String, Value)>) {
+    subscribe_as(port, filter, None)
+}
+
+fn subscribe_as(
+    port: u16,
+    filter: &str,
+    login: Option<(&str, &str)>,
+) -> (Client, Receiver<(String, Value)>) {
     let mut opts = MqttOptions::new(format!("it-sub-{port}"), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5));
+    if let Some((user, pass)) = login {
+        opts.set_credentials(user, pass);
+    }
     let (client, mut connection) = Client::new(opts, 16);
     client.subscribe(filter, QoS::AtLeastOnce).unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -241,4 +268,40 @@ fn reconnects_when_the_broker_comes_back() {
     let t = Instant::now();
     sink.stop();
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+#[test]
+fn password_from_the_environment() {
+    let port = free_port();
+    let _broker = Broker::start_with(port, Some(("cam", "s3cret")));
+    let (_sub, rx) = subscribe_as(port, "percept/#", Some(("cam", "s3cret")));
+    let events = Events::with_writer(None);
+    // A unique name: tests run in parallel threads of one process.
+    let var = format!("PERCEPT_IT_MQTT_PASSWORD_{port}");
+    std::env::set_var(&var, "s3cret");
+    let good = MqttConfig {
+        user: Some("cam".into()),
+        password_env: Some(var),
+        ..cfg(port, &["alert"])
+    };
+    let sink = MqttSink::start(&good, &events).unwrap();
+    wait_connected(&sink);
+    events.emit(alert("door", 3.0));
+    let (topic, v) = rx.recv_timeout(Duration::from_secs(10)).expect("message");
+    assert_eq!(topic, "percept/door/alert");
+    assert_eq!(v["t"], 3.0);
+    sink.stop();
+
+    // Without the password the broker refuses: no block, no crash, nothing published.
+    let anonymous = MqttConfig {
+        client_id: format!("percept-it-anon-{port}"),
+        ..cfg(port, &["alert"])
+    };
+    let sink = MqttSink::start(&anonymous, &events).unwrap();
+    events.emit(alert("door", 4.0));
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = sink.stop();
+    assert!(!stats.connected);
+    assert_eq!(stats.published, 0);
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
 }
