@@ -1,6 +1,20 @@
 //! Live captions, the pure parts: audio windows for the model ([`window`]), model
 //! transcripts turned into stable partial/final captions ([`stabilize`]), and WebVTT/SRT
-//! files written cue by cue ([`files`]). The model worker owns one of each per source.
+//! files written cue by cue ([`files`]). The model worker owns one of each per source:
+//!
+//! ```text
+//! for w in windower.push(chunk_t, &samples, voice) {       // and windower.flush() at EOS
+//!     let text = transcribe(&w.samples);                   // the model; untrusted text
+//!     for u in stabilizer.push_window(&w, &text) {
+//!         emit caption event (source, u.t, u.end, u.text, u.status);
+//!         if u.status is final { files.append(u.t, u.end, &u.text)? }
+//!     }
+//! }
+//! stabilizer.finish()                                      // at EOS / shutdown, same handling
+//! ```
+//!
+//! Every window must reach the stabilizer in order (a dropped final of a window cut at the
+//! maximum length loses the words it left to the next window).
 
 pub mod files;
 pub mod stabilize;

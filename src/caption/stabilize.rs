@@ -10,6 +10,9 @@
 //!   the finalized tail words against the start of the new transcript (up to two leading words
 //!   may be fragments of a word cut at the window edge); when nothing matches, words whose
 //!   estimated time lies before the end of the final text are dropped instead.
+//! - Cuts: a window cut at the maximum length (see [`AudioWindow::next_t0`]) may end inside a
+//!   word, so its words in the second half of the overlap are left for the next window,
+//!   which hears them whole.
 //! - Word times are not known (the model returns text only): each word's time is interpolated
 //!   across its window by character position, so a word that starts 40% into the text is
 //!   placed 40% into the window. Good enough for subtitles; silence at the window edges
