@@ -51,7 +51,12 @@ impl Broker {
             }
         }
         std::fs::write(&conf, text).unwrap();
-        let child = Command::new("mosquitto")
+        // Debian puts the broker in /usr/sbin, which is not on every user's PATH.
+        let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(bin)
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
