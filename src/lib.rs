@@ -3,9 +3,11 @@
 //!
 //! Data flow, top to bottom: [`source`] (what to open) -> [`ingest`] (graphs, supervision) ->
 //! [`queue`] (bounded, counted) -> [`worker`] (analysis: [`signal`]) -> [`sink`] (events) ->
-//! [`http`] / [`metrics`]. The Gemma 4 model lives in [`model`].
+//! [`http`] / [`metrics`]. The worker hands frames and chunks to per-source [`tasks`]
+//! (gates, governor), whose jobs the [`engine`] answers in batches with the Gemma 4 [`model`].
 
 pub mod analyze;
+pub mod caption;
 pub mod config;
 pub mod control;
 pub mod engine;

@@ -2,6 +2,8 @@
 //! a SIGKILL or Ctrl-C never leaves a half-written line behind; live subscribers (HTTP feeds)
 //! get a copy through bounded channels that drop for them, never for the file.
 
+pub mod mqtt;
+
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::Path;

@@ -10,4 +10,5 @@ mod config_files;
 mod files;
 mod live;
 mod model_worker;
+mod mqtt;
 mod rtsp;
