@@ -415,7 +415,10 @@ fn analyze_one(
     }
     if !vtt.exists() {
         // No speech: still leave valid, empty subtitle files.
-        crate::tasks::empty_transcript_files(&vtt, &srt).map_err(io_err(&vtt))?;
+        crate::tasks::empty_transcript_files(&vtt, &srt).map_err(|e| AnalyzeError::Input {
+            path: vtt.display().to_string(),
+            message: e.to_string(),
+        })?;
     }
     let windows = write_summary_md(rec, &events, &dir.join("summary.md"))?;
     let done = Checkpoint {

@@ -792,7 +792,10 @@ impl Config {
                 }
             }
             if !(1..=32).contains(&s.window_frames) {
-                p.push(format!("{at}: window_frames must be in 1..=32, got {}", s.window_frames));
+                p.push(format!(
+                    "{at}: window_frames must be in 1..=32, got {}",
+                    s.window_frames
+                ));
             }
             if s.task == TaskKind::Watch && s.questions.is_empty() {
                 p.push(format!("{at}: task 'watch' needs at least one question"));

@@ -190,7 +190,12 @@ pub fn run(a: &PipelineBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn summarize(n: usize, events: &Path, wall: f64, max_batch: usize) -> anyhow::Result<serde_json::Value> {
+fn summarize(
+    n: usize,
+    events: &Path,
+    wall: f64,
+    max_batch: usize,
+) -> anyhow::Result<serde_json::Value> {
     let text = std::fs::read_to_string(events)?;
     let mut lat = Vec::new();
     let mut batches = Vec::new();

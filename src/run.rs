@@ -603,6 +603,14 @@ pub fn run_with(
         .name("percept-worker".into())
         .spawn(move || worker.run())
         .map_err(|e| RunError::Gst(format!("cannot start worker: {e}")))?;
+    let mqtt = if cfg.mqtt.enabled {
+        match crate::sink::mqtt::MqttSink::start(&cfg.mqtt, &events) {
+            Ok(m) => Some(m),
+            Err(e) => return Err(RunError::Config(format!("[mqtt]: {e}"))),
+        }
+    } else {
+        None
+    };
     let webhooks = crate::tasks::webhook::Webhooks::start(
         cfg.alerts.webhooks.clone(),
         cfg.alerts.webhook_attempts,
@@ -712,6 +720,9 @@ pub fn run_with(
         }
         dispatch.wait_idle(None);
     }
+    for t in &tasks {
+        lock(t).close();
+    }
     if external {
         for r in lock(&shared.sources).iter() {
             for (j, why) in dispatch.remove_source(&r.spec.name) {
@@ -776,6 +787,14 @@ pub fn run_with(
         }
     }
     events.flush();
+    if let Some(m) = mqtt {
+        let st = m.stop();
+        tracing::info!(
+            published = st.published,
+            dropped = st.dropped,
+            "MQTT sink stopped."
+        );
+    }
     Ok(RunReport { states, failures })
 }
 

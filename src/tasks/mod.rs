@@ -5,9 +5,9 @@
 //! [`SourceTask`], which may turn it into a [`Job`]; jobs wait in the [`dispatch::Dispatch`]
 //! slots; the engine batches them across sources and gives each answer back to its task.
 
-mod caption_shim;
 pub mod dispatch;
 pub mod governor;
+pub mod recording;
 pub mod watch;
 pub mod webhook;
 
@@ -16,12 +16,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::caption::{suppress_repetition, AudioWindow, AudioWindower, CaptionFiles, Stabilizer};
 use crate::config::{AlertConfig, CaptionConfig, GovernorConfig, TaskKind, TaskPrompts};
 use crate::control::LiveBoard;
 use crate::event::{Body, CaptionStatus, SourceState};
 use crate::ingest::{AudioChunk, Feed, VideoFrame, AUDIO_RATE};
-use caption_shim::{suppress_repetition, AudioWindower, CaptionFiles, Stabilizer};
 use governor::Governor;
+use recording::RecordingWindower;
 
 /// How a job waits for the model (see [`dispatch`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +52,8 @@ pub struct Job {
     pub max_tokens: usize,
     /// 0 for the first try; `watch` retries once.
     pub attempt: u8,
+    /// A caption window cut at the length cap: where the next (overlapping) window starts.
+    pub next_t0: Option<f64>,
     pub captured: Instant,
 }
 
@@ -137,6 +140,7 @@ pub struct SourceTask {
     last_sent: Option<f64>,
     look_requested: bool,
     windower: AudioWindower,
+    recording: RecordingWindower,
     stabilizer: Stabilizer,
     captions: Option<CaptionFiles>,
     caption_error: bool,
@@ -153,7 +157,8 @@ impl SourceTask {
             name: feed.name.clone(),
             gov: Governor::new(&env.governor, fps, live),
             windower: AudioWindower::new(&env.captions),
-            stabilizer: Stabilizer::default(),
+            recording: RecordingWindower::new(&env.captions),
+            stabilizer: Stabilizer::new(),
             spec,
             feed,
             live,
@@ -175,15 +180,8 @@ impl SourceTask {
     pub fn resume(&mut self, r: &Resume) {
         self.transcript = r.transcript.clone();
         if let Some((vtt, srt)) = &self.env.transcript_files {
-            match CaptionFiles::create(vtt, srt) {
-                Ok(mut f) => {
-                    for (t, end, text) in &self.transcript {
-                        if let Err(e) = f.append(*t, *end, text) {
-                            tracing::error!(error = %e, "Cannot rewrite the transcript.");
-                        }
-                    }
-                    self.transcript_files = Some(f);
-                }
+            match CaptionFiles::open_resume(vtt, srt, &self.transcript) {
+                Ok(f) => self.transcript_files = Some(f),
                 Err(e) => {
                     tracing::error!(path = %vtt.display(), error = %e, "Cannot write the transcript.")
                 }
@@ -223,6 +221,7 @@ impl SourceTask {
             soft_tokens: self.gov.soft_tokens() as usize,
             max_tokens: self.env.max_tokens,
             attempt: 0,
+            next_t0: None,
             captured,
         }
     }
@@ -325,15 +324,28 @@ impl SourceTask {
                 }
                 Vec::new()
             }
-            TaskKind::Caption | TaskKind::Transcribe | TaskKind::Summarize => {
+            TaskKind::Caption => {
                 let windows = self.windower.push(chunk.t, &chunk.samples, voice);
                 windows
                     .into_iter()
-                    .map(|w| self.audio_job(w.t0, w.samples, w.is_final, chunk.captured))
+                    .map(|w| self.caption_job(w, chunk.captured))
                     .collect()
             }
+            TaskKind::Transcribe | TaskKind::Summarize => self
+                .recording
+                .push(chunk.t, &chunk.samples, voice)
+                .map(|w| self.audio_job(w.t0, w.samples, true, chunk.captured))
+                .into_iter()
+                .collect(),
             _ => Vec::new(),
         }
+    }
+
+    fn caption_job(&self, w: AudioWindow, captured: Instant) -> Job {
+        let next = w.next_t0;
+        let mut j = self.audio_job(w.t0, w.samples, w.is_final, captured);
+        j.next_t0 = next;
+        j
     }
 
     fn audio_job(&self, t0: f64, samples: Vec<f32>, is_final: bool, captured: Instant) -> Job {
@@ -352,11 +364,29 @@ impl SourceTask {
     /// once their transcript is complete (see [`SourceTask::summary_job`]).
     pub fn finish(&mut self) -> Vec<Job> {
         let now = Instant::now();
-        self.windower
-            .flush()
-            .into_iter()
-            .map(|w| self.audio_job(w.t0, w.samples, true, now))
-            .collect()
+        match self.spec.task {
+            TaskKind::Caption => self
+                .windower
+                .flush()
+                .map(|w| self.caption_job(w, now))
+                .into_iter()
+                .collect(),
+            TaskKind::Transcribe | TaskKind::Summarize => self
+                .recording
+                .flush()
+                .map(|w| self.audio_job(w.t0, w.samples, true, now))
+                .into_iter()
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Every answer is in: words the stabilizer still holds become final captions.
+    pub fn close(&mut self) {
+        if self.spec.task == TaskKind::Caption {
+            let updates = self.stabilizer.finish();
+            self.emit_captions(updates);
+        }
     }
 
     /// A text-only job summarizing the transcript (task `summarize`), if there is one.
@@ -428,7 +458,9 @@ impl SourceTask {
         let latency_ms = (job.captured.elapsed().as_secs_f64() * 1e4).round() / 10.0;
         let follow = match job.task {
             TaskKind::Describe | TaskKind::None => {
-                self.env.live_board.describe_frame(&self.name, job.end, &text);
+                self.env
+                    .live_board
+                    .describe_frame(&self.name, job.end, &text);
                 let frames = job.video.len().max(1) as u32;
                 self.feed.emit(
                     job.t,
@@ -594,9 +626,18 @@ impl SourceTask {
     }
 
     fn on_caption(&mut self, job: &Job, text: &str) {
-        let updates = self
-            .stabilizer
-            .push(job.t, job.end, text, job.class == JobClass::FinalAudio);
+        let updates = match (job.class, job.next_t0) {
+            (JobClass::FinalAudio, Some(next)) => {
+                self.stabilizer.push_cut(job.t, job.end, text, next)
+            }
+            (class, _) => self
+                .stabilizer
+                .push(job.t, job.end, text, class == JobClass::FinalAudio),
+        };
+        self.emit_captions(updates);
+    }
+
+    fn emit_captions(&mut self, updates: Vec<crate::caption::CaptionUpdate>) {
         for u in updates {
             if u.status == CaptionStatus::Final {
                 self.write_caption(u.t, u.end, &u.text);
@@ -638,7 +679,10 @@ impl SourceTask {
         if self.captions.is_none() && !self.caption_error {
             let vtt = dir.join(format!("{}.vtt", self.name));
             let srt = dir.join(format!("{}.srt", self.name));
-            match std::fs::create_dir_all(dir).and_then(|()| CaptionFiles::create(&vtt, &srt)) {
+            let made = std::fs::create_dir_all(dir)
+                .map_err(|e| e.to_string())
+                .and_then(|()| CaptionFiles::create(&vtt, &srt).map_err(|e| e.to_string()));
+            match made {
                 Ok(f) => self.captions = Some(f),
                 Err(e) => {
                     self.caption_error = true;
@@ -655,7 +699,10 @@ impl SourceTask {
 }
 
 /// Valid subtitle files with no cue (a recording without speech).
-pub fn empty_transcript_files(vtt: &std::path::Path, srt: &std::path::Path) -> std::io::Result<()> {
+pub fn empty_transcript_files(
+    vtt: &std::path::Path,
+    srt: &std::path::Path,
+) -> Result<(), crate::caption::CaptionFileError> {
     CaptionFiles::create(vtt, srt).map(|_| ())
 }
 

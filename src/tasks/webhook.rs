@@ -137,9 +137,9 @@ fn post(url: &str, body: &[u8]) -> Result<u16, String> {
         "POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nUser-Agent: percept\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes())
-        .and_then(|()| s.write_all(body))
-        .map_err(|e| e.to_string())?;
+    let mut req = head.into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).map_err(|e| e.to_string())?;
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).map_err(|e| e.to_string())?;
     let line = String::from_utf8_lossy(&buf[..n]);
@@ -163,9 +163,27 @@ mod tests {
             let mut bodies = Vec::new();
             for code in [500, 200] {
                 let (mut c, _) = l.accept().unwrap();
-                let mut req = vec![0u8; 4096];
-                let n = c.read(&mut req).unwrap();
-                bodies.push(String::from_utf8_lossy(&req[..n]).into_owned());
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Read the whole request: headers, then Content-Length bytes of body.
+                loop {
+                    let n = c.read(&mut buf).unwrap();
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        if body.len() >= len {
+                            break;
+                        }
+                    }
+                    assert!(n > 0, "client closed early");
+                }
+                bodies.push(String::from_utf8_lossy(&req).into_owned());
                 write!(c, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n").unwrap();
             }
             bodies
