@@ -298,7 +298,9 @@ impl Shared {
         );
         self.metrics
             .set_state(&p.spec.name, SourceState::Connecting);
-        let task = (p.source.task != TaskKind::None && cfg.model.enabled).then(|| {
+        // Every source gets a task while the model is on (task `none` asks nothing) so its
+        // task can change at runtime.
+        let task = cfg.model.enabled.then(|| {
             let mut st = SourceTask::new(
                 feed.clone(),
                 TaskSpec {

@@ -265,3 +265,68 @@ fn caption_files_are_valid_and_complete_after_sigterm() {
         assert!(f(e, "end") > f(e, "t"));
     }
 }
+
+fn wait_for(events: &Path, what: &dyn Fn(&[Value]) -> bool, secs: u64) -> Vec<Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let ev = if events.exists() {
+            read_events(events)
+        } else {
+            Vec::new()
+        };
+        if what(&ev) {
+            return ev;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out waiting; events: {ev:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// SIGHUP re-reads the config: a source's task changes (describe -> watch) without a
+/// restart and without reloading the model.
+#[test]
+fn sighup_changes_a_task_without_restarting() {
+    let d = tmpdir("mw-sighup");
+    let source = "[[source]]\nname = \"cam\"\nuri = \"test:?live=true\"\n";
+    let cfg = config(&d, &format!("{source}task = \"describe\"\n"));
+    let events = d.join("events.jsonl");
+    let child = spawn(&["--config", cfg.to_str().unwrap()], &events);
+    wait_for(
+        &events,
+        &|ev| !of_kind(ev, "cam", "description").is_empty(),
+        60,
+    );
+    config(
+        &d,
+        &format!("{source}task = \"watch\"\nquestions = [\"Is the ball red?\"]\n"),
+    );
+    run_tool("kill", &["-HUP", &child.id().to_string()]);
+    wait_for(
+        &events,
+        &|ev| {
+            of_kind(ev, "cam", "error")
+                .iter()
+                .any(|e| e["message"].as_str().unwrap_or("").starts_with("watch:"))
+        },
+        60,
+    );
+    run_tool("kill", &["-TERM", &child.id().to_string()]);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Reloading the config"), "{err}");
+    assert!(err.contains("Task changed"), "{err}");
+    assert_eq!(err.matches("Model ready").count(), 1, "{err}");
+    let ev = read_events(&events);
+    // One source all along: never restarted.
+    assert_eq!(
+        of_kind(&ev, "cam", "state")
+            .iter()
+            .filter(|e| e["state"] == "connecting")
+            .count(),
+        1
+    );
+}
