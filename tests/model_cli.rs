@@ -168,3 +168,38 @@ fn missing_media_file_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.png"));
 }
+
+/// Audio longer than the tower's 30 s becomes one audio item per 30 s clip (70 s -> 3),
+/// each with the soft tokens its length gives, instead of being cut at 30 s.
+#[test]
+fn long_audio_is_split_into_30s_clips() {
+    let dir = std::env::temp_dir().join(format!("percept-long-audio-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wav = dir.join("long.wav");
+    let st = Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+        ])
+        .arg("sine=frequency=440:sample_rate=16000:duration=70")
+        .arg(&wav)
+        .status()
+        .expect("ffmpeg");
+    assert!(st.success());
+    let v = run_json(&[
+        "--audio",
+        wav.to_str().unwrap(),
+        "--prompt",
+        "What is this sound?",
+    ]);
+    let prompt = v["prompt"].as_str().unwrap();
+    assert_eq!(prompt.matches("<|audio>").count(), 3, "{prompt}");
+    let per_clip = |s: usize| percept::preprocess::mel::audio_token_count(s);
+    let expect = 2 * per_clip(480_000) + per_clip(160_000);
+    assert_eq!(v["audio_tokens"], expect);
+}

@@ -304,10 +304,11 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
             content.push(ChatContent::Image);
         }
         if let Some(p) = &a.audio {
-            let t = enc.encode_audio(&model, p)?;
-            media.push(MediaItem::Audio { tokens: t.dim(0)? });
-            soft.audios.push(t);
-            content.push(ChatContent::Audio);
+            for t in enc.encode_audio(&model, p)? {
+                media.push(MediaItem::Audio { tokens: t.dim(0)? });
+                soft.audios.push(t);
+                content.push(ChatContent::Audio);
+            }
         }
     }
     let encode_s = t1.elapsed().as_secs_f64();

@@ -94,10 +94,18 @@ impl MediaEncoder for TowerEncoder {
         self.vision(model)?.encode(&input)
     }
 
-    /// The first 30 s of the clip, as the reference feature extractor keeps.
-    fn encode_audio(&self, model: &Gemma4, path: &Path) -> Result<Tensor, ModelError> {
+    /// Each 30 s clip on its own (the reference feature extractor keeps only the first 30 s
+    /// of one item; percept splits instead of dropping the rest).
+    fn encode_audio(&self, model: &Gemma4, path: &Path) -> Result<Vec<Tensor>, ModelError> {
         let samples = preprocess::wav::load_mono_16k(path).map_err(|e| pre_err(path, e))?;
-        let mel = preprocess::mel::MelExtractor::new().extract(&samples);
-        self.audio(model)?.encode(&mel)
+        if samples.is_empty() {
+            return Err(pre_err(path, "no audio samples"));
+        }
+        let tower = self.audio(model)?;
+        preprocess::mel::MelExtractor::new()
+            .extract_clips(&samples)
+            .iter()
+            .map(|m| tower.encode(m))
+            .collect()
     }
 }

@@ -130,9 +130,11 @@ pub trait MediaEncoder {
         model: &super::Gemma4,
         path: &std::path::Path,
     ) -> Result<Tensor, ModelError>;
+    /// One tensor per 30 s clip: the audio tower hears at most 30 s, so longer files
+    /// become consecutive audio items of the prompt.
     fn encode_audio(
         &self,
         model: &super::Gemma4,
         path: &std::path::Path,
-    ) -> Result<Tensor, ModelError>;
+    ) -> Result<Vec<Tensor>, ModelError>;
 }

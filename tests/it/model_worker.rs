@@ -330,3 +330,23 @@ fn sighup_changes_a_task_without_restarting() {
         1
     );
 }
+
+/// `describe` over windows of 3 frames sent as video: one description per window, spanning
+/// its frames, 70 soft tokens per frame.
+#[test]
+fn describe_windows_of_frames_as_video() {
+    let d = tmpdir("mw-video");
+    let cfg = config(
+        &d,
+        "[[source]]\nname = \"cam\"\nuri = \"test:?duration=6&live=false\"\nwindow_frames = 3\n",
+    );
+    let (out, ev) = run_percept(&d, &["--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let descs = of_kind(&ev, "cam", "description");
+    let spans: Vec<(f64, f64, u64)> = descs
+        .iter()
+        .map(|e| (f(e, "t"), f(e, "end"), u(e, "frames")))
+        .collect();
+    assert_eq!(spans, vec![(0.0, 2.0, 3), (3.0, 5.0, 3)], "{descs:?}");
+    assert!(descs.iter().all(|e| e["soft_tokens"] == 70));
+}
