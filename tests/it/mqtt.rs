@@ -310,3 +310,57 @@ fn password_from_the_environment() {
     assert_eq!(stats.published, 0);
     assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
 }
+
+/// End to end: `percept run` with `[mqtt] enabled` publishes the model's descriptions (and
+/// only the kinds asked for) to `percept/<source>/<kind>`.
+#[test]
+fn percept_run_publishes_model_events() {
+    let port = free_port();
+    let _broker = Broker::start(port);
+    let (_client, rx) = subscribe(port, "percept/#");
+    let d = tmpdir("mqtt-run");
+    let cfg = d.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nid = \"{}/tests/fixtures/gemma4/model\"\nmax_tokens = 4\n\
+             [governor]\nsoft_tokens = 70\nheartbeat_seconds = 1.0\n\
+             [mqtt]\nenabled = true\nport = {port}\nkinds = [\"description\", \"summary\"]\n",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    )
+    .unwrap();
+    let (out, ev) = crate::common::run_percept(
+        &d,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--source",
+            "porch=test:?duration=3&live=false",
+        ],
+    );
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let mut got = Vec::new();
+    while let Ok(m) = rx.recv_timeout(Duration::from_secs(5)) {
+        got.push(m);
+        if got.len() >= 4 {
+            break;
+        }
+    }
+    let descriptions: Vec<&Value> = got
+        .iter()
+        .filter(|(topic, _)| topic == "percept/porch/description")
+        .map(|(_, v)| v)
+        .collect();
+    let in_file = crate::common::of_kind(&ev, "porch", "description");
+    assert_eq!(descriptions.len(), in_file.len(), "{got:?}");
+    assert_eq!(descriptions[0]["text"], in_file[0]["text"]);
+    assert!(
+        got.iter().any(|(t, _)| t == "percept/porch/summary"),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().all(|(t, _)| !t.ends_with("/frame")),
+        "kinds filter"
+    );
+}
