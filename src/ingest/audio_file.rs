@@ -142,6 +142,116 @@ impl MonoResampler {
     }
 }
 
+/// An opened audio file: symphonia's reader and decoder for its first audio track.
+pub struct Input {
+    format: Box<dyn symphonia::core::formats::FormatReader>,
+    decoder: Box<dyn symphonia::core::codecs::Decoder>,
+    track_id: u32,
+    /// Sample rate of the track.
+    pub rate: u32,
+    /// Frames in the track, when the container says.
+    pub n_frames: Option<u64>,
+    buf: Option<SampleBuffer<f32>>,
+    /// Corrupt packets skipped so far.
+    pub decode_errors: u32,
+}
+
+impl Input {
+    pub fn open(path: &Path) -> Result<Input, AudioFileError> {
+        let file = File::open(path).map_err(AudioFileError::Open)?;
+        let len = file.metadata().map_err(AudioFileError::Open)?.len();
+        if len == 0 {
+            return Err(AudioFileError::Empty);
+        }
+        let mss = MediaSourceStream::new(Box::new(file), Default::default());
+        let mut hint = Hint::new();
+        if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+            hint.with_extension(ext);
+        }
+        let probed = symphonia::default::get_probe()
+            .format(
+                &hint,
+                mss,
+                &FormatOptions::default(),
+                &MetadataOptions::default(),
+            )
+            .map_err(|e| AudioFileError::Format(e.to_string()))?;
+        let format = probed.format;
+        let track = format
+            .tracks()
+            .iter()
+            .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
+            .ok_or(AudioFileError::NoTrack)?;
+        let track_id = track.id;
+        let params = track.codec_params.clone();
+        let decoder = symphonia::default::get_codecs()
+            .make(&params, &DecoderOptions::default())
+            .map_err(|e| AudioFileError::Codec(e.to_string()))?;
+        let rate = params
+            .sample_rate
+            .ok_or_else(|| AudioFileError::Format("no sample rate".into()))?;
+        Ok(Input {
+            format,
+            decoder,
+            track_id,
+            rate,
+            n_frames: params.n_frames,
+            buf: None,
+            decode_errors: 0,
+        })
+    }
+
+    /// The next decoded packet as interleaved samples and its channel count; `None` at the
+    /// end. Corrupt packets are skipped (symphonia's advice) and counted.
+    pub fn next_block(&mut self) -> Result<Option<(&[f32], usize)>, AudioFileError> {
+        loop {
+            let packet = match self.format.next_packet() {
+                Ok(p) => p,
+                Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(None)
+                }
+                Err(SymError::ResetRequired) => return Ok(None),
+                Err(e) => return Err(AudioFileError::Decode(e.to_string())),
+            };
+            if packet.track_id() != self.track_id {
+                continue;
+            }
+            let decoded = match self.decoder.decode(&packet) {
+                Ok(d) => d,
+                Err(SymError::DecodeError(e)) => {
+                    self.decode_errors += 1;
+                    tracing::debug!(error = %e, "Skipping undecodable packet.");
+                    continue;
+                }
+                Err(e) => return Err(AudioFileError::Decode(e.to_string())),
+            };
+            let spec = *decoded.spec();
+            let channels = spec.channels.count();
+            let buf = self
+                .buf
+                .get_or_insert_with(|| SampleBuffer::new(decoded.capacity() as u64, spec));
+            if buf.capacity() < decoded.capacity() * channels {
+                *buf = SampleBuffer::new(decoded.capacity() as u64, spec);
+            }
+            buf.copy_interleaved_ref(decoded);
+            return Ok(Some((buf.samples(), channels)));
+        }
+    }
+}
+
+/// The whole file as 16 kHz mono (for `model run --audio`), exactly
+/// `round(frames * 16000 / rate)` samples long.
+pub fn decode_mono_16k(path: &Path) -> Result<Vec<f32>, AudioFileError> {
+    let mut input = Input::open(path)?;
+    let mut resampler = MonoResampler::new(input.rate)?;
+    let mut out = Vec::new();
+    while let Some((samples, channels)) = input.next_block()? {
+        out.extend(resampler.push(samples, channels));
+    }
+    out.extend(resampler.finish());
+    Ok(out)
+}
+
 /// Decode `path` into `feed`. Returns the number of 16 kHz samples delivered.
 pub fn run(
     feed: &Feed,
@@ -150,42 +260,11 @@ pub fn run(
     realtime: bool,
     stop: &AtomicBool,
 ) -> Result<u64, AudioFileError> {
-    let file = File::open(path).map_err(AudioFileError::Open)?;
-    let len = file.metadata().map_err(AudioFileError::Open)?.len();
-    if len == 0 {
-        return Err(AudioFileError::Empty);
+    let mut input = Input::open(path)?;
+    if let Some(frames) = input.n_frames {
+        feed.set_duration(frames as f64 / f64::from(input.rate));
     }
-    let mss = MediaSourceStream::new(Box::new(file), Default::default());
-    let mut hint = Hint::new();
-    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
-        hint.with_extension(ext);
-    }
-    let probed = symphonia::default::get_probe()
-        .format(
-            &hint,
-            mss,
-            &FormatOptions::default(),
-            &MetadataOptions::default(),
-        )
-        .map_err(|e| AudioFileError::Format(e.to_string()))?;
-    let mut format = probed.format;
-    let track = format
-        .tracks()
-        .iter()
-        .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
-        .ok_or(AudioFileError::NoTrack)?;
-    let track_id = track.id;
-    let params = track.codec_params.clone();
-    let mut decoder = symphonia::default::get_codecs()
-        .make(&params, &DecoderOptions::default())
-        .map_err(|e| AudioFileError::Codec(e.to_string()))?;
-    let rate = params
-        .sample_rate
-        .ok_or_else(|| AudioFileError::Format("no sample rate".into()))?;
-    if let Some(frames) = params.n_frames {
-        feed.set_duration(frames as f64 / f64::from(rate));
-    }
-    let mut resampler = MonoResampler::new(rate)?;
+    let mut resampler = MonoResampler::new(input.rate)?;
     let mut chunker = Chunker::new(chunk_seconds);
     let started = Instant::now();
     let mut delivered = 0u64;
@@ -195,39 +274,14 @@ pub fn run(
         }
         samples.len() as u64
     };
-    let mut sample_buf: Option<SampleBuffer<f32>> = None;
-    let mut decode_errors = 0u32;
     loop {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let packet = match format.next_packet() {
-            Ok(p) => p,
-            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(SymError::ResetRequired) => break,
-            Err(e) => return Err(AudioFileError::Decode(e.to_string())),
+        let Some((samples, channels)) = input.next_block()? else {
+            break;
         };
-        if packet.track_id() != track_id {
-            continue;
-        }
-        let decoded = match decoder.decode(&packet) {
-            Ok(d) => d,
-            // Symphonia's advice: a corrupt packet is skipped, not fatal.
-            Err(SymError::DecodeError(e)) => {
-                decode_errors += 1;
-                tracing::warn!(source = %feed.name, error = %e, "Skipping undecodable packet.");
-                continue;
-            }
-            Err(e) => return Err(AudioFileError::Decode(e.to_string())),
-        };
-        let spec = *decoded.spec();
-        let buf =
-            sample_buf.get_or_insert_with(|| SampleBuffer::new(decoded.capacity() as u64, spec));
-        if buf.capacity() < decoded.capacity() * spec.channels.count() {
-            *buf = SampleBuffer::new(decoded.capacity() as u64, spec);
-        }
-        buf.copy_interleaved_ref(decoded);
-        let out = resampler.push(buf.samples(), spec.channels.count());
+        let out = resampler.push(samples, channels);
         delivered += deliver(&out, &mut chunker);
         if realtime {
             let media = delivered as f64 / f64::from(AUDIO_RATE);
@@ -242,8 +296,8 @@ pub fn run(
     if let Some(c) = chunker.flush() {
         feed.push_audio(c);
     }
-    if decode_errors > 0 {
-        tracing::warn!(source = %feed.name, decode_errors, "Some packets could not be decoded.");
+    if input.decode_errors > 0 {
+        tracing::warn!(source = %feed.name, decode_errors = input.decode_errors, "Some packets could not be decoded.");
     }
     Ok(delivered)
 }
