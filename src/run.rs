@@ -180,6 +180,9 @@ pub fn run(cfg: &Config, stop: Arc<AtomicBool>) -> Result<RunReport, RunError> {
             http::AppState {
                 metrics: metrics.clone(),
                 board: board.clone(),
+                events: events.clone(),
+                live: Arc::new(crate::control::LiveBoard::default()),
+                control: None,
             },
         )?;
         tracing::info!(addr = %s.addr, "Serving /metrics and /healthz.");

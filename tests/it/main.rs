@@ -7,5 +7,6 @@ mod bad_input;
 mod common;
 mod config_files;
 mod files;
+mod http_surfaces;
 mod live;
 mod rtsp;
