@@ -381,6 +381,40 @@ fn sse_delivers_filtered_events_and_stops_when_the_client_leaves() {
 }
 
 #[test]
+fn a_stalled_client_never_blocks_emit_and_shutdown_cuts_open_feeds() {
+    let r = start(None);
+    // Subscribed, but never reads: its buffers fill and it loses events, the emitter does not wait.
+    let stalled = SseClient::connect(&r, "");
+    let t0 = Instant::now();
+    for i in 0..20_000 {
+        r.events.emit(caption(
+            "a",
+            &format!("line {i} {}", "x".repeat(200)),
+            CaptionStatus::Partial,
+        ));
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "emit took {:?} with a stalled client",
+        t0.elapsed()
+    );
+    // A graceful shutdown with a feed still open ends after the grace period, not never.
+    let Running { server, events, .. } = r;
+    let t0 = Instant::now();
+    drop(server);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
+    drop(stalled);
+    wait_for("the stalled feed's subscription to end", || {
+        events.emit(audio("z"));
+        events.subscribers() == 0
+    });
+}
+
+#[test]
 fn sse_without_filters_gets_every_kind() {
     let r = start(None);
     let mut c = SseClient::connect(&r, "");
