@@ -458,6 +458,7 @@ impl ControlApi for Shared {
             .ok_or_else(|| ControlError::NotFound(name.to_string()))?;
         r.removed = true;
         r.stop.store(true, Ordering::Relaxed);
+        self.env.live_board.remove_source(name);
         tracing::info!(source = %name, "Removing source.");
         let _ = self.ctl_tx.send(Control::Remove(name.to_string()));
         for (j, why) in self.dispatch.remove_source(name) {
@@ -648,12 +649,14 @@ pub fn run_with(
     });
     let _server = if cfg.http.enabled {
         let control: Arc<dyn ControlApi> = shared.clone();
-        let _ = &control;
         let s = http::serve(
             &cfg.http.listen,
             http::AppState {
                 metrics: metrics.clone(),
                 board: board.clone(),
+                events: events.clone(),
+                live: live.clone(),
+                control: Some(control),
             },
         )?;
         tracing::info!(addr = %s.addr, "Serving /metrics and /healthz.");

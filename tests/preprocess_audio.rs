@@ -4,10 +4,10 @@
 use std::f32::consts::PI;
 use std::path::PathBuf;
 
+use percept::ingest::audio_file::MonoResampler;
 use percept::preprocess::mel::{
     audio_token_count, mel_filters, MelExtractor, MEL_FLOOR, N_MELS, SAMPLE_RATE,
 };
-use percept::ingest::audio_file::MonoResampler;
 use percept::preprocess::wav::load_mono_16k;
 
 /// The ingest resampler over a whole buffer.

@@ -70,6 +70,15 @@ impl Events {
         rx
     }
 
+    /// Live subscriptions, counting one whose receiver is gone until the next `emit` finds out.
+    pub fn subscribers(&self) -> usize {
+        self.inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     pub fn emit(&self, event: Event) {
         {
             let mut guard = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
