@@ -199,7 +199,10 @@ fn summarize(
     let text = std::fs::read_to_string(events)?;
     let mut lat = Vec::new();
     let mut batches = Vec::new();
-    let mut rtf = Vec::new();
+    // Audio RTF of the whole system: model time spent per second of audio heard, each
+    // request charged its share of the batched step it ran in.
+    let mut audio_model_s = 0.0;
+    let mut audio_s = 0.0;
     let mut lag_max: f64 = 0.0;
     let mut lag_end = std::collections::HashMap::new();
     let mut level = 0;
@@ -213,7 +216,9 @@ fn summarize(
                 batches.push(v["batch"].as_f64().unwrap_or(1.0));
                 let audio = v["audio_seconds"].as_f64().unwrap_or(0.0);
                 if audio > 0.0 {
-                    rtf.push(v["model_ms"].as_f64().unwrap_or(0.0) / 1000.0 / audio);
+                    let share = v["batch"].as_f64().unwrap_or(1.0).max(1.0);
+                    audio_model_s += v["model_ms"].as_f64().unwrap_or(0.0) / 1000.0 / share;
+                    audio_s += audio;
                 }
             }
             Some("state") if v.get("lag_seconds").is_some() => {
@@ -225,13 +230,6 @@ fn summarize(
             _ => {}
         }
     }
-    let mean = |v: &[f64]| {
-        if v.is_empty() {
-            0.0
-        } else {
-            v.iter().sum::<f64>() / v.len() as f64
-        }
-    };
     // Each request reports its step's size, so weight steps by 1/size to get per-step means.
     let steps: f64 = batches.iter().map(|b| 1.0 / b).sum();
     let occupancy = if steps > 0.0 {
@@ -246,7 +244,8 @@ fn summarize(
         "requests_per_s": requests as f64 / wall.max(1e-9),
         "batch_occupancy": occupancy,
         "mean_batch": occupancy * max_batch as f64,
-        "audio_rtf": mean(&rtf),
+        "audio_rtf": if audio_s > 0.0 { audio_model_s / audio_s } else { 0.0 },
+        "audio_seconds_heard": audio_s,
         "latency_p50_s": percentile(&mut lat.clone(), 0.5),
         "latency_p95_s": percentile(&mut lat, 0.95),
         "lag_max_s": lag_max,
