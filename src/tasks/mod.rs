@@ -464,7 +464,7 @@ impl SourceTask {
                 let frames = job.video.len().max(1) as u32;
                 self.feed.emit(
                     job.t,
-                    (frames > 1).then_some(job.end),
+                    Some(job.end),
                     Body::Description {
                         text,
                         frames,
@@ -576,11 +576,12 @@ impl SourceTask {
                         evidence: a.evidence,
                         snapshot,
                     };
-                    let ev = crate::event::Event::new(&self.name, job.t, None, body.clone());
+                    let ev =
+                        crate::event::Event::new(&self.name, job.t, Some(job.end), body.clone());
                     if let Some(w) = &self.env.webhooks {
                         w.send(ev);
                     }
-                    self.feed.emit(job.t, None, body);
+                    self.feed.emit(job.t, Some(job.end), body);
                 }
                 None
             }

@@ -96,19 +96,19 @@ fn redact(url: &str) -> String {
 
 fn deliver(url: &str, body: &[u8], attempts: u32) -> Result<(), String> {
     let mut delay = Duration::from_millis(250);
-    let mut last = String::new();
+    let mut seen: Vec<String> = Vec::new();
     for i in 0..attempts {
         match post(url, body) {
             Ok(code) if (200..300).contains(&code) => return Ok(()),
-            Ok(code) => last = format!("HTTP {code}"),
-            Err(e) => last = e,
+            Ok(code) => seen.push(format!("HTTP {code}")),
+            Err(e) => seen.push(e),
         }
         if i + 1 < attempts {
             std::thread::sleep(delay);
             delay *= 2;
         }
     }
-    Err(format!("{last} after {attempts} attempt(s)"))
+    Err(format!("{} after {attempts} attempt(s)", seen.join("; ")))
 }
 
 /// One HTTP/1.1 POST; returns the status code.
@@ -140,9 +140,17 @@ fn post(url: &str, body: &[u8]) -> Result<u16, String> {
     let mut req = head.into_bytes();
     req.extend_from_slice(body);
     s.write_all(&req).map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf).map_err(|e| e.to_string())?;
-    let line = String::from_utf8_lossy(&buf[..n]);
+    // Only the status line matters; read until it is complete.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.windows(2).any(|w| w == b"\r\n") && got.len() < 4096 {
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&got);
     line.split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
@@ -161,30 +169,36 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let h = std::thread::spawn(move || {
             let mut bodies = Vec::new();
-            for code in [500, 200] {
+            // Other tests' clients may land on this ephemeral port (a port another test
+            // freed and keeps dialing): only our POSTs count.
+            let mut codes = [500, 200].into_iter();
+            let mut code = codes.next();
+            while let Some(status) = code {
                 let (mut c, _) = l.accept().unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                 let mut req = Vec::new();
                 let mut buf = [0u8; 4096];
                 // Read the whole request: headers, then Content-Length bytes of body.
-                loop {
-                    let n = c.read(&mut buf).unwrap();
+                while let Ok(n) = c.read(&mut buf) {
                     req.extend_from_slice(&buf[..n]);
                     let text = String::from_utf8_lossy(&req).into_owned();
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let len: usize = head
-                            .lines()
+                    let complete = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+                        head.lines()
                             .find_map(|l| l.strip_prefix("Content-Length: "))
-                            .unwrap()
-                            .parse()
-                            .unwrap();
-                        if body.len() >= len {
-                            break;
-                        }
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .is_some_and(|len| body.len() >= len)
+                    });
+                    if complete || n == 0 {
+                        break;
                     }
-                    assert!(n > 0, "client closed early");
+                }
+                if !req.starts_with(b"POST /hook") {
+                    continue;
                 }
                 bodies.push(String::from_utf8_lossy(&req).into_owned());
-                write!(c, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n").unwrap();
+                let _ = write!(c, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+                let _ = c.flush();
+                code = codes.next();
             }
             bodies
         });

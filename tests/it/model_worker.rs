@@ -159,16 +159,33 @@ fn governor_degrades_a_slow_model_and_keeps_lag_bounded() {
     )
     .unwrap();
     let events = d.join("events.jsonl");
-    let mut child = spawn(
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--source",
-            "cam=test:?live=true",
-        ],
-        &events,
-    );
+    let port = 21000 + (std::process::id() % 1000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(percept_bin())
+        .args(["run", "--listen", &addr, "--config", cfg.to_str().unwrap()])
+        .arg("--events")
+        .arg(&events)
+        .args(["--source", "cam=test:?live=true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_secs(30));
+    // The steps show in the metrics too.
+    let metrics = http_get(&addr, "/metrics");
+    let gauge = |name: &str| -> f64 {
+        let key = format!("{name}{{source=\"cam\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{key} missing: {metrics}"))
+    };
+    assert!(gauge("percept_governor_level") >= 3.0, "{metrics}");
+    assert_eq!(gauge("percept_image_soft_tokens"), 70.0);
+    assert!(gauge("percept_lag_seconds") < 8.0);
+    assert!(gauge("percept_effective_fps") <= 1.0);
     run_tool("kill", &["-TERM", &child.id().to_string()]);
     assert!(child.wait().unwrap().success());
     let ev = read_events(&events);
@@ -187,6 +204,22 @@ fn governor_degrades_a_slow_model_and_keeps_lag_bounded() {
     assert!(descs.iter().any(|e| e["soft_tokens"] == 70), "{descs:?}");
     // Frames the model could not take were counted, not queued.
     assert_frame_accounting(&ev, "cam");
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    buf.split_once("\r\n\r\n")
+        .map(|b| b.1.to_string())
+        .unwrap_or_default()
 }
 
 fn check_vtt(text: &str) -> usize {
