@@ -143,9 +143,15 @@ impl Governor {
         let now = self.newest_input;
         if self.lag > self.cfg.max_lag_seconds {
             self.low_since = None;
-            // One step per max_lag of media: let the cheaper setting show its effect first.
+            // At most one change per max_lag of media, so the cheaper setting shows its effect
+            // first; but a lag many times the limit (a model far too slow, often seen on the
+            // very first answer) jumps one step per doubling instead of crawling down.
             if self.level < self.max_level() && now - self.changed_at >= self.cfg.max_lag_seconds {
-                self.level += 1;
+                let over = (self.lag / self.cfg.max_lag_seconds)
+                    .log2()
+                    .floor()
+                    .max(1.0) as u8;
+                self.level = (self.level + over).min(self.max_level());
                 self.changed_at = now;
                 return true;
             }
@@ -221,6 +227,19 @@ mod tests {
             g.on_result(t - 0.5, 0.5, 1.0, true);
         }
         assert_eq!(g.level(), top - 2);
+    }
+
+    #[test]
+    fn a_far_too_slow_model_jumps_several_steps_at_once() {
+        let mut g = gov();
+        g.note_input(40.0);
+        // 36 s behind with a 4 s limit: 9x = three doublings -> three steps in one go.
+        assert!(g.on_result(4.0, 36.0, 1.0, true));
+        assert_eq!(g.level(), 3);
+        assert_eq!((g.soft_tokens(), g.model_fps()), (70, 0.5));
+        g.note_input(60.0);
+        assert!(g.on_result(4.0, 50.0, 1.0, true));
+        assert_eq!(g.level(), g.max_level());
     }
 
     #[test]
