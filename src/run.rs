@@ -630,6 +630,7 @@ pub fn run_with(
         webhooks,
         caption_dir: (!cfg.captions.dir.is_empty()).then(|| PathBuf::from(&cfg.captions.dir)),
         transcript_files: extras.transcript_files.clone(),
+        board: Some(board.clone()),
         checkpoint: extras.checkpoint.clone(),
     };
     let shared = Arc::new(Shared {

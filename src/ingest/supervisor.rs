@@ -29,6 +29,14 @@ impl StateBoard {
             .insert(source.to_string(), state);
     }
 
+    pub fn get(&self, source: &str) -> Option<SourceState> {
+        self.states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(source)
+            .copied()
+    }
+
     pub fn snapshot(&self) -> BTreeMap<String, SourceState> {
         self.states
             .lock()

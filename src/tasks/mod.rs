@@ -105,6 +105,8 @@ pub struct TaskEnv {
     pub caption_dir: Option<PathBuf>,
     /// Recordings (`percept analyze`): transcript cues go to these VTT/SRT files.
     pub transcript_files: Option<(PathBuf, PathBuf)>,
+    /// Lifecycle states, so governor `state` events repeat the source's real state.
+    pub board: Option<Arc<crate::ingest::supervisor::StateBoard>>,
     /// Called after each transcript window is written, with its end (media seconds) and
     /// the events file length then.
     pub checkpoint: Option<Arc<dyn Fn(f64, u64) + Send + Sync>>,
@@ -551,7 +553,12 @@ impl SourceTask {
                 job.end,
                 None,
                 Body::State {
-                    state: SourceState::Running,
+                    state: self
+                        .env
+                        .board
+                        .as_ref()
+                        .and_then(|b| b.get(&self.name))
+                        .unwrap_or(SourceState::Running),
                     reason: changed.then(|| format!("governor level {}", st.level)),
                     attempt: None,
                     retry_in: None,
