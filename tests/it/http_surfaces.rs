@@ -799,44 +799,55 @@ fn render_page(chromium: &str) -> Rendered {
         wait_long("the page to subscribe", || r.events.subscribers() >= 1);
         // As the run loop would: the board and the feed agree on the new state.
         ctl.sources.lock().unwrap()[1].state = Some(SourceState::Running);
-        r.events.emit(Event::new(
-            "meeting",
-            0.0,
-            None,
-            Body::State {
-                state: SourceState::Running,
-                reason: None,
-                attempt: None,
-                retry_in: None,
-                governor: None,
-            },
-        ));
-        r.events.emit(caption(
-            "meeting",
-            "Welcome everyone to the weekly review.",
-            CaptionStatus::Final,
-        ));
-        r.events.emit(caption(
-            "meeting",
-            "<b id=\"evil\">not markup</b>",
-            CaptionStatus::Partial,
-        ));
-        r.events.emit(Event::new(
-            "door",
-            6.0,
-            None,
-            Body::Description {
-                text: "A courier waits at the grey door.".into(),
-                frames: 1,
-                soft_tokens: 280,
-                model_ms: 850.0,
-                batch: 1,
-                latency_ms: 900.0,
-            },
-        ));
-        r.events.emit(alert("door", "Is someone at the door?"));
+        // Emitted again every few seconds until the page shows them: on a loaded machine the
+        // page may build its source cards (from /v1/sources) after its feed has connected,
+        // and it does not replay events it got before a card existed.
+        let emit_all = || {
+            r.events.emit(Event::new(
+                "meeting",
+                0.0,
+                None,
+                Body::State {
+                    state: SourceState::Running,
+                    reason: None,
+                    attempt: None,
+                    retry_in: None,
+                    governor: None,
+                },
+            ));
+            r.events.emit(caption(
+                "meeting",
+                "Welcome everyone to the weekly review.",
+                CaptionStatus::Final,
+            ));
+            r.events.emit(caption(
+                "meeting",
+                "<b id=\"evil\">not markup</b>",
+                CaptionStatus::Partial,
+            ));
+            r.events.emit(Event::new(
+                "door",
+                6.0,
+                None,
+                Body::Description {
+                    text: "A courier waits at the grey door.".into(),
+                    frames: 1,
+                    soft_tokens: 280,
+                    model_ms: 850.0,
+                    batch: 1,
+                    latency_ms: 900.0,
+                },
+            ));
+            r.events.emit(alert("door", "Is someone at the door?"));
+        };
+        emit_all();
+        let mut last = Instant::now();
 
         wait_long("the events and the frame to render", || {
+            if last.elapsed() > Duration::from_secs(3) {
+                emit_all();
+                last = Instant::now();
+            }
             cdp.eval(
                 "document.body.innerText.includes('Is someone at the door?') \
                  && document.body.innerText.includes('A courier waits') \
