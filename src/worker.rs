@@ -14,7 +14,7 @@ use crate::ingest::{AudioChunk, Feed, VideoFrame, AUDIO_RATE};
 use crate::queue::QueueRx;
 use crate::signal::{level_dbfs, MotionDetector, VoiceDetector};
 use crate::tasks::dispatch::Dispatch;
-use crate::tasks::{Job, SourceTask};
+use crate::tasks::{Job, JobClass, SourceTask};
 
 /// A source as the worker sees it.
 pub struct WorkerSource {
@@ -146,13 +146,30 @@ impl Worker {
     /// Wait briefly for any queue and analyse one item; a control message is returned.
     fn step(&self, slots: &mut [Slot]) -> Option<Control> {
         // Clones (cheap handles) so the selection does not borrow the slots being analysed.
+        // A file source whose model slot is taken is skipped this round (its queue applies
+        // backpressure upstream) so it never holds up the other sources.
+        let waits = |s: &Slot, class| {
+            s.src.task.is_some() && self.dispatch.would_wait(&s.src.feed.name, class)
+        };
         let video: Vec<_> = slots
             .iter()
-            .map(|s| s.src.video.receiver().clone())
+            .map(|s| {
+                if waits(s, JobClass::Frame) {
+                    crossbeam_channel::never()
+                } else {
+                    s.src.video.receiver().clone()
+                }
+            })
             .collect();
         let audio: Vec<_> = slots
             .iter()
-            .map(|s| s.src.audio.receiver().clone())
+            .map(|s| {
+                if waits(s, JobClass::FinalAudio) {
+                    crossbeam_channel::never()
+                } else {
+                    s.src.audio.receiver().clone()
+                }
+            })
             .collect();
         let mut sel = Select::new();
         for (v, a) in video.iter().zip(&audio) {

@@ -208,6 +208,24 @@ impl Dispatch {
         }
     }
 
+    /// Would a job of `class` from this file source have to wait? The worker then leaves
+    /// that source's queue alone for now instead of blocking every other source behind it.
+    pub fn would_wait(&self, source: &str, class: JobClass) -> bool {
+        let g = self.lock();
+        if g.gate != ModelGate::Ready || g.closed {
+            return false;
+        }
+        match g.sources.get(source) {
+            Some(p) if !p.live => match class {
+                JobClass::Frame => p.frame.is_some(),
+                JobClass::PartialAudio => p.partial.is_some(),
+                JobClass::FinalAudio => !p.finals.is_empty(),
+                JobClass::Text => false,
+            },
+            _ => false,
+        }
+    }
+
     /// No more jobs will be offered: the model side drains what waits, then stops.
     pub fn close(&self) {
         self.lock().closed = true;

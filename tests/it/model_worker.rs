@@ -40,7 +40,15 @@ fn texts(ev: &[Value], src: &str, kind: &str) -> Vec<(f64, String)> {
 #[test]
 fn cross_source_batch_gives_the_tokens_of_single_runs() {
     let d = tmpdir("mw-batch");
+    // A model step of at least 300 ms: while one runs, both sources' next frames arrive, so
+    // the following steps batch them however the machine schedules the threads.
     let cfg = config(&d, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("max_tokens = 6\n", "max_tokens = 6\ndelay_ms = 300\n"),
+    )
+    .unwrap();
     let c = cfg.to_str().unwrap();
     let src = "test:?duration=4&live=false";
     let (out, single) = run_percept(&d, &["--config", c, "--source", &format!("a={src}")]);
