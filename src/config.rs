@@ -818,7 +818,8 @@ fn section<T: serde::de::DeserializeOwned>(value: toml::Value, into: &mut T) -> 
     Ok(())
 }
 
-fn one_line(s: &str) -> String {
+/// Collapses an error message (TOML errors span lines) into one line.
+pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

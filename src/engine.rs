@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
 use crate::control::{LiveBoard, ModelStatus};
+use crate::lock;
 use crate::metrics::Metrics;
 use crate::model::generate::{Request, Sampling};
 use crate::model::layers::Quant;
@@ -162,10 +163,6 @@ impl Engine {
             }
         }
     }
-}
-
-fn lock(t: &Mutex<SourceTask>) -> std::sync::MutexGuard<'_, SourceTask> {
-    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The chat prompt of a job (media first, then the task's text), with its soft tokens.

@@ -27,3 +27,9 @@ pub mod source;
 pub mod tasks;
 pub mod testsrc;
 pub mod worker;
+
+/// Locks a mutex, recovering from poisoning: the data behind percept's mutexes stays valid
+/// when a holder panics (counters, slots, boards), so one panic must not cascade.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

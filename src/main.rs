@@ -187,16 +187,33 @@ fn report<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
     }
 }
 
-fn cmd_run(args: RunArgs) -> ExitCode {
-    let cfg = match &args.config {
+/// The config file, or the defaults; a bad file is reported (every problem) and gives None.
+fn load_config(path: Option<&std::path::Path>) -> Option<Config> {
+    match path {
         Some(p) => match Config::load(p) {
-            Ok(c) => c,
+            Ok(c) => Some(c),
             Err(e) => {
                 eprintln!("percept: {e}");
-                return ExitCode::from(2);
+                None
             }
         },
-        None => Config::default(),
+        None => Some(Config::default()),
+    }
+}
+
+/// A flag set by SIGINT/SIGTERM; a second signal while draining exits at once.
+fn stop_on_signals() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone());
+        let _ = signal_hook::flag::register(sig, stop.clone());
+    }
+    stop
+}
+
+fn cmd_run(args: RunArgs) -> ExitCode {
+    let Some(cfg) = load_config(args.config.as_deref()) else {
+        return ExitCode::from(2);
     };
     let overrides = Overrides {
         sources: args.sources,
@@ -212,14 +229,9 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         config_path: args.config.clone(),
     };
     let cfg = run::merge(cfg, &overrides);
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = stop_on_signals();
     let reload = Arc::new(AtomicBool::new(false));
     let _ = signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone());
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal while draining exits at once.
-        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone());
-        let _ = signal_hook::flag::register(sig, stop.clone());
-    }
     match run::run(&cfg, &overrides, stop, reload) {
         Ok(report) => {
             for f in &report.failures {
@@ -235,24 +247,13 @@ fn cmd_run(args: RunArgs) -> ExitCode {
 }
 
 fn cmd_analyze(args: AnalyzeArgs) -> ExitCode {
-    let mut cfg = match &args.config {
-        Some(p) => match Config::load(p) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("percept: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        None => Config::default(),
+    let Some(mut cfg) = load_config(args.config.as_deref()) else {
+        return ExitCode::from(2);
     };
     if let Some(m) = args.model {
         cfg.model.id = m;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone());
-        let _ = signal_hook::flag::register(sig, stop.clone());
-    }
+    let stop = stop_on_signals();
     match percept::analyze::analyze(cfg, &args.paths, &args.out, stop) {
         Ok(done) => {
             for a in &done {

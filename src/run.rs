@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use crate::config::{Config, SourceConfig, TaskKind};
+use crate::config::{one_line, Config, SourceConfig, TaskKind};
 use crate::control::{AddSource, ControlApi, ControlError, LiveBoard, SourceInfo, TaskUpdate};
 use crate::engine::Engine;
 use crate::event::{Body, SourceState, Summary};
@@ -17,6 +17,7 @@ use crate::http;
 use crate::ingest::graph::GraphParams;
 use crate::ingest::supervisor::{StateBoard, Supervisor};
 use crate::ingest::{Feed, AUDIO_RATE};
+use crate::lock;
 use crate::metrics::Metrics;
 use crate::progress;
 use crate::queue::{self, ByteBudget, WhenFull};
@@ -261,10 +262,6 @@ struct Shared {
     env: TaskEnv,
     closing: AtomicBool,
     resume: Option<crate::tasks::Resume>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
@@ -530,10 +527,6 @@ impl ControlApi for Shared {
         *lock(&self.cfg) = fresh;
         Ok(())
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Run every configured source to the end (or until `stop` is set) and write summaries.

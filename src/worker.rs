@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::config::AnalysisConfig;
 use crate::event::{Body, Media};
 use crate::ingest::{AudioChunk, Feed, VideoFrame, AUDIO_RATE};
+use crate::lock;
 use crate::queue::QueueRx;
 use crate::signal::{level_dbfs, MotionDetector, VoiceDetector};
 use crate::tasks::dispatch::Dispatch;
@@ -303,10 +304,6 @@ impl Worker {
             self.offer(t, jobs);
         }
     }
-}
-
-fn lock(t: &Mutex<SourceTask>) -> std::sync::MutexGuard<'_, SourceTask> {
-    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Turn pending drops into events and refresh queue gauges.

@@ -2,6 +2,7 @@
 //! an audio branch attached as streams appear, each ending in an appsink that feeds the
 //! source's [`Feed`]. One [`Session`] per (re)connection holds the per-connection state.
 
+use crate::lock;
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
@@ -115,10 +116,6 @@ impl Session {
             self.started.store(true, Ordering::Release);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Picks frames at `fps` on a grid anchored at media time 0, from timestamps, never counts.
