@@ -7,10 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn fixture_model() -> String {
-    format!("{}/tests/fixtures/gemma4/model", env!("CARGO_MANIFEST_DIR"))
-}
-
 /// Four spoken sentences with 1.5 s pauses (about 21 s).
 fn recording(d: &Path) -> PathBuf {
     let mut inputs = Vec::new();

@@ -3,6 +3,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+/// The tiny Gemma 4 checkpoint of the parity fixture (towers, tokenizer, template).
+pub fn fixture_model() -> String {
+    format!("{}/tests/fixtures/gemma4/model", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `percept run --events EVENTS ARGS...` in the background, stderr piped.
+pub fn spawn_run(args: &[&str], events: &Path) -> std::process::Child {
+    Command::new(percept_bin())
+        .arg("run")
+        .arg("--events")
+        .arg(events)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn percept")
+}
+
 pub fn percept_bin() -> &'static str {
     env!("CARGO_BIN_EXE_percept")
 }

@@ -57,9 +57,9 @@ fn sources_are_added_retasked_and_removed_at_runtime() {
     std::fs::write(
         &cfg,
         format!(
-            "[model]\nid = \"{}/tests/fixtures/gemma4/model\"\nmax_tokens = 4\n\
+            "[model]\nid = \"{}\"\nmax_tokens = 4\n\
              [governor]\nsoft_tokens = 70\nheartbeat_seconds = 1.0\n[captions]\ndir = \"\"\n",
-            env!("CARGO_MANIFEST_DIR")
+            fixture_model()
         ),
     )
     .unwrap();

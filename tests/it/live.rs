@@ -4,21 +4,8 @@
 use crate::common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-fn spawn(args: &[&str], events: &std::path::Path) -> Child {
-    Command::new(percept_bin())
-        .arg("run")
-        .arg("--events")
-        .arg(events)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn percept")
-}
 
 fn sigterm(child: &Child) {
     // SAFETY-free: kill(1) does the signalling.
@@ -64,7 +51,7 @@ fn overload_keeps_budget_and_counts_every_drop() {
     )
     .unwrap();
     let events = d.join("events.jsonl");
-    let mut child = spawn(
+    let mut child = spawn_run(
         &[
             "--config",
             cfg.to_str().unwrap(),
@@ -107,7 +94,7 @@ fn sigterm_flushes_summary_and_metrics_pass_promtool() {
     let port = 19000 + (std::process::id() % 1000) as u16;
     let addr = format!("127.0.0.1:{port}");
     let events = d.join("events.jsonl");
-    let mut child = spawn(
+    let mut child = spawn_run(
         &[
             "--listen",
             &addr,

@@ -8,10 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn fixture_model() -> String {
-    format!("{}/tests/fixtures/gemma4/model", env!("CARGO_MANIFEST_DIR"))
-}
-
 /// A config for the tiny model: 70 or 140 soft tokens (its position table is small), short
 /// answers, a frame to the model every second.
 fn config(dir: &Path, extra: &str) -> PathBuf {
@@ -137,17 +133,7 @@ fn model_unavailable_is_said_once_and_signals_go_on() {
 }
 
 fn spawn(args: &[&str], events: &Path) -> Child {
-    Command::new(percept_bin())
-        .arg("run")
-        .arg("--no-http")
-        .arg("--events")
-        .arg(events)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn percept")
+    spawn_run(&[&["--no-http"], args].concat(), events)
 }
 
 /// The model made 3 s slower per step on a live 2 fps source: the governor steps down

@@ -323,10 +323,10 @@ fn percept_run_publishes_model_events() {
     std::fs::write(
         &cfg,
         format!(
-            "[model]\nid = \"{}/tests/fixtures/gemma4/model\"\nmax_tokens = 4\n\
+            "[model]\nid = \"{}\"\nmax_tokens = 4\n\
              [governor]\nsoft_tokens = 70\nheartbeat_seconds = 1.0\n\
              [mqtt]\nenabled = true\nport = {port}\nkinds = [\"description\", \"summary\"]\n",
-            env!("CARGO_MANIFEST_DIR")
+            crate::common::fixture_model()
         ),
     )
     .unwrap();
