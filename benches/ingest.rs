@@ -3,7 +3,7 @@
 //! as ratios; then the RSS of a live overload run over time.
 //!
 //! `cargo bench --bench ingest`. Environment: `PERCEPT_BENCH_OVERLOAD_SECS` (default 600),
-//! `PERCEPT_BENCH_REPEAT` (default 3; the minimum of the repeats is reported).
+//! `PERCEPT_BENCH_REPEAT` (default 5; the minimum of the repeats is reported).
 #![allow(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -31,10 +31,6 @@ fn cpu_of(cmd: &mut Command) -> f64 {
     children_cpu() - before
 }
 
-fn min_of(repeat: usize, mut f: impl FnMut() -> f64) -> f64 {
-    (0..repeat).map(|_| f()).fold(f64::INFINITY, f64::min)
-}
-
 fn percept_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("bench path");
     // target/<profile>/deps/ingest-xxxx -> target/<profile>/percept
@@ -52,7 +48,7 @@ fn main() {
     let repeat: usize = std::env::var("PERCEPT_BENCH_REPEAT")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(5);
     let overload_secs: u64 = std::env::var("PERCEPT_BENCH_OVERLOAD_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -114,12 +110,8 @@ fn main() {
     println!(
         "ingest CPU seconds per minute of 1080p30 H.264 (GOP 1 s) at 1 fps, min of {repeat} runs:"
     );
-    let p_key = min_of(repeat, || cpu_of(&mut percept(None)));
-    let f_key = min_of(repeat, || cpu_of(&mut ffmpeg(true)));
-    let p_full = min_of(repeat, || cpu_of(&mut percept(Some(&full_cfg))));
-    let f_full = min_of(repeat, || cpu_of(&mut ffmpeg(false)));
     // What percept also does per sampled frame: scale to 768 wide and convert to RGB.
-    let f_key_scaled = min_of(repeat, || {
+    let ffmpeg_scaled = || {
         let mut c = Command::new("ffmpeg");
         c.args([
             "-hide_banner",
@@ -139,8 +131,24 @@ fn main() {
             "null",
             "-",
         ]);
-        cpu_of(&mut c)
-    });
+        c
+    };
+    // Interleaved rounds, so that load from other processes on a shared machine hits both
+    // sides of each ratio alike; the minimum of each is reported.
+    let (mut p_key, mut f_key, mut p_full, mut f_full, mut f_key_scaled) = (
+        f64::INFINITY,
+        f64::INFINITY,
+        f64::INFINITY,
+        f64::INFINITY,
+        f64::INFINITY,
+    );
+    for _ in 0..repeat {
+        p_key = p_key.min(cpu_of(&mut percept(None)));
+        f_key = f_key.min(cpu_of(&mut ffmpeg(true)));
+        f_key_scaled = f_key_scaled.min(cpu_of(&mut ffmpeg_scaled()));
+        p_full = p_full.min(cpu_of(&mut percept(Some(&full_cfg))));
+        f_full = f_full.min(cpu_of(&mut ffmpeg(false)));
+    }
     println!("  keyframe-only  percept {p_key:7.2} s   ffmpeg -skip_frame nokey {f_key:7.2} s   ratio {:.2} (target <= 1.3)", p_key / f_key);
     println!("  full decode    percept {p_full:7.2} s   ffmpeg                   {f_full:7.2} s   ratio {:.2} (target <= 1.1)", p_full / f_full);
     println!("  keyframe-only  vs ffmpeg that also scales to 768x432 RGB {f_key_scaled:7.2} s   ratio {:.2}", p_key / f_key_scaled);

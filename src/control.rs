@@ -3,12 +3,13 @@
 //! (model status, latest frame per source).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::TaskKind;
 use crate::event::SourceState;
+use crate::ingest::VideoFrame;
 
 /// A source as the control API shows it (never its credentials).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -97,8 +98,16 @@ pub enum ModelStatus {
 #[derive(Debug, Clone)]
 pub struct LatestFrame {
     pub t: f64,
-    pub jpeg: Arc<Vec<u8>>,
+    frame: Arc<VideoFrame>,
+    /// Encoded when first asked for: most frames are never viewed.
+    jpeg: Arc<OnceLock<Option<Vec<u8>>>>,
     pub description: Option<String>,
+}
+
+impl LatestFrame {
+    pub fn jpeg(&self) -> Option<Vec<u8>> {
+        self.jpeg.get_or_init(|| self.frame.jpeg()).clone()
+    }
 }
 
 /// What the page and `/healthz` read besides events.
@@ -121,15 +130,16 @@ impl LiveBoard {
             .unwrap_or(ModelStatus::Disabled)
     }
 
-    pub fn set_frame(&self, source: &str, t: f64, jpeg: Vec<u8>) {
+    pub fn set_frame(&self, source: &str, frame: Arc<VideoFrame>) {
         self.frames
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(
                 source.to_string(),
                 LatestFrame {
-                    t,
-                    jpeg: Arc::new(jpeg),
+                    t: frame.t,
+                    frame,
+                    jpeg: Arc::default(),
                     description: None,
                 },
             );

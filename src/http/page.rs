@@ -35,12 +35,22 @@ pub(super) async fn frame(
             format!("no frame for source '{name}'"),
         )
     })?;
+    let jpeg = tokio::task::spawn_blocking(move || f.jpeg())
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode the frame of source '{name}'"),
+            )
+        })?;
     Ok((
         [
             (header::CONTENT_TYPE, "image/jpeg"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        f.jpeg.as_ref().clone(),
+        jpeg,
     )
         .into_response())
 }

@@ -149,6 +149,11 @@ impl Sampler {
 
 /// Decides whether delta frames can be dropped before the decoder: only when keyframes come
 /// at least as often as the target rate, which is checked on the stream itself.
+///
+/// Until the second keyframe settles it, the delta frames after the first keyframe are held
+/// back (compressed, at most one target interval of them) instead of decoded: a short GOP
+/// then costs no decoding at all, and a long one gets them released in order, before
+/// anything later, so nothing is lost either way.
 #[derive(Debug)]
 pub struct KeyframeGate {
     allowed: bool,
@@ -156,6 +161,19 @@ pub struct KeyframeGate {
     key_only: bool,
     fell_back: bool,
     last_key: Option<f64>,
+}
+
+/// What to do with one encoded buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateAction {
+    Pass,
+    Drop,
+    /// Keep it aside until the decode mode is known.
+    Hold,
+    /// Push what is held, in order, then this buffer: full decode.
+    Release,
+    /// Forget what is held and pass this keyframe: keyframe-only decode.
+    DiscardHeld,
 }
 
 /// Slack on the keyframe interval: encoders place keyframes on frame boundaries.
@@ -176,32 +194,59 @@ impl KeyframeGate {
         self.key_only
     }
 
-    /// True to pass the encoded buffer to the decoder.
-    pub fn pass(&mut self, t: Option<f64>, delta: bool) -> bool {
+    /// Between the first keyframe and the decision.
+    fn undecided(&self) -> bool {
+        self.allowed && self.last_key.is_some() && !self.key_only && !self.fell_back
+    }
+
+    /// Give up on keyframe-only decoding for good (also when too much would be held).
+    pub fn fall_back(&mut self) -> GateAction {
+        let was_holding = self.undecided();
+        self.key_only = false;
+        self.fell_back = true;
+        if was_holding {
+            GateAction::Release
+        } else {
+            GateAction::Pass
+        }
+    }
+
+    /// Decide what happens to one encoded buffer (`t`: its media seconds, if known).
+    pub fn action(&mut self, t: Option<f64>, delta: bool) -> GateAction {
         if !self.allowed {
-            return true;
+            return GateAction::Pass;
         }
         if delta {
-            return !self.key_only;
+            if self.key_only {
+                return GateAction::Drop;
+            }
+            if !self.undecided() {
+                return GateAction::Pass;
+            }
+            return match (t, self.last_key) {
+                (Some(t), Some(last)) if t <= last + self.interval + KEY_SLACK => GateAction::Hold,
+                // Past one target interval without a keyframe (or no time to tell): the GOP
+                // is too long for keyframe-only decoding.
+                _ => self.fall_back(),
+            };
         }
+        let mut action = GateAction::Pass;
         if let (Some(t), Some(last)) = (t, self.last_key) {
             let gap = t - last;
             if gap > self.interval + KEY_SLACK {
                 // Once a long GOP is seen, decode everything from here on: scene-cut keyframes
                 // can make a single short interval look like a fast GOP. Switching back at a
                 // keyframe keeps every later delta frame decodable.
-                self.key_only = false;
-                self.fell_back = true;
-            } else if gap > 0.0 && !self.key_only && !self.fell_back {
-                // One measured interval decides: each GOP decoded in full while waiting costs
-                // about a third of a minute of keyframe-only decoding.
+                action = self.fall_back();
+            } else if gap > 0.0 && self.undecided() {
                 self.key_only = true;
+                action = GateAction::DiscardHeld;
             }
         }
         if t.is_some() {
             self.last_key = t;
         }
-        true
+        action
     }
 }
 
@@ -339,6 +384,12 @@ pub fn build(spec: &SourceSpec, session: &Arc<Session>) -> Result<gst::Pipeline,
             .is_some_and(|f| f.name().starts_with("avdec_"));
         if is_libav_decoder && element.has_property("max-threads") {
             element.set_property("max-threads", threads as i32);
+        }
+        // With direct rendering, GStreamer 1.22's decoder base class copies every frame
+        // libav still references (make_writable) into fresh, page-faulting memory; without
+        // it, frames are copied once into pooled buffers.
+        if is_libav_decoder && element.has_property("direct-rendering") {
+            element.set_property("direct-rendering", false);
         }
     });
     pipeline
@@ -525,9 +576,39 @@ fn link_decoder(pad: &gst::Pad, parent: &gst::Bin, session: &Arc<Session>) -> Re
     link_via(&src, parent, session, "decodebin")
 }
 
+/// Encoded frames held back while the keyframe gate decides (see [`KeyframeGate`]).
+#[derive(Default)]
+struct Held {
+    buffers: Vec<gst::Buffer>,
+    bytes: usize,
+}
+
+/// Held frames past this are not worth the wait: decode everything instead.
+const MAX_HELD_BYTES: usize = 32 << 20;
+const MAX_HELD_BUFFERS: usize = 1024;
+
+/// Push held frames to the decoder side, in order, ahead of whatever comes next.
+fn release(pad: &gst::Pad, held: &Mutex<Held>) {
+    let buffers = std::mem::take(&mut *lock(held)).buffers;
+    if buffers.is_empty() {
+        return;
+    }
+    let Some(peer) = pad.peer() else {
+        return;
+    };
+    for buffer in buffers {
+        // A failure (flushing, not linked) shows again on the next push, which reports it.
+        if peer.chain(buffer).is_err() {
+            break;
+        }
+    }
+}
+
 fn add_keyframe_gate(pad: &gst::Pad, session: &Arc<Session>) {
+    let held = Arc::new(Mutex::new(Held::default()));
     let weak = Arc::downgrade(session);
-    pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+    let on_buffers = Arc::clone(&held);
+    pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
         let Some(session) = weak.upgrade() else {
             return gst::PadProbeReturn::Remove;
         };
@@ -536,9 +617,16 @@ fn add_keyframe_gate(pad: &gst::Pad, session: &Arc<Session>) {
         };
         let delta = buffer.flags().contains(gst::BufferFlags::DELTA_UNIT);
         let t = buffer.pts().or(buffer.dts()).map(secs);
+        let size = buffer.size();
         let mut gate = lock(&session.gate);
         let was = gate.key_only();
-        let pass = gate.pass(t, delta);
+        let mut action = gate.action(t, delta);
+        if action == GateAction::Hold {
+            let h = lock(&on_buffers);
+            if h.buffers.len() >= MAX_HELD_BUFFERS || h.bytes + size > MAX_HELD_BYTES {
+                action = gate.fall_back();
+            }
+        }
         let now = gate.key_only();
         drop(gate);
         if was != now {
@@ -552,11 +640,44 @@ fn add_keyframe_gate(pad: &gst::Pad, session: &Arc<Session>) {
             tracing::info!(source = %session.feed.name, keyframe_only = now, "Decode mode changed.");
         }
         session.feed.touch();
-        if pass {
-            gst::PadProbeReturn::Ok
-        } else {
-            drop_buffer(info)
+        match action {
+            GateAction::Pass => gst::PadProbeReturn::Ok,
+            GateAction::Drop => drop_buffer(info),
+            GateAction::Hold => {
+                if let Some(buffer) = info.take_buffer() {
+                    let mut h = lock(&on_buffers);
+                    h.bytes += size;
+                    h.buffers.push(buffer);
+                }
+                gst::PadProbeReturn::Handled
+            }
+            GateAction::Release => {
+                release(pad, &on_buffers);
+                gst::PadProbeReturn::Ok
+            }
+            GateAction::DiscardHeld => {
+                *lock(&on_buffers) = Held::default();
+                gst::PadProbeReturn::Ok
+            }
         }
+    });
+    let weak = Arc::downgrade(session);
+    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |pad, info| {
+        let Some(event) = info.event() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        match event.type_() {
+            // The stream ended before the gate could decide: what is held is all there is.
+            gst::EventType::Eos if !lock(&held).buffers.is_empty() => {
+                if let Some(session) = weak.upgrade() {
+                    lock(&session.gate).fall_back();
+                }
+                release(pad, &held);
+            }
+            gst::EventType::FlushStop => *lock(&held) = Held::default(),
+            _ => {}
+        }
+        gst::PadProbeReturn::Ok
     });
 }
 
@@ -592,7 +713,17 @@ fn link_video_branch(
     session: &Arc<Session>,
     caps: &gst::Caps,
 ) -> Result<(), String> {
-    let bin = branch(template::VIDEO_BRANCH, "video_branch", session.params.sync)?;
+    // videoconvertscale (GStreamer 1.22) scales and converts in one pass; older GStreamer
+    // gets the two elements it replaced.
+    let desc = if gst::ElementFactory::find("videoconvertscale").is_some() {
+        template::VIDEO_BRANCH.to_string()
+    } else {
+        template::VIDEO_BRANCH.replace(
+            "videoconvertscale name=vscale",
+            "videoscale name=vscale ! videoconvert",
+        )
+    };
+    let bin = branch(&desc, "video_branch", session.params.sync)?;
     let (w, h) = input_size(caps)
         .map(|(w, h, par)| scaled_size(w, h, par, session.params.max_side))
         .unwrap_or((
@@ -767,30 +898,62 @@ mod tests {
         assert_eq!((0..60).filter(|&i| s.admit(f64::from(i) / 30.0)).count(), 4);
     }
 
+    /// Feed a stream of (t, delta) to a gate the way the probe does; the buffers (by index)
+    /// that reach the decoder, in order.
+    fn decoded(g: &mut KeyframeGate, frames: &[(f64, bool)]) -> Vec<usize> {
+        let (mut out, mut held) = (Vec::new(), Vec::new());
+        for (i, &(t, delta)) in frames.iter().enumerate() {
+            match g.action(Some(t), delta) {
+                GateAction::Pass => out.push(i),
+                GateAction::Drop => {}
+                GateAction::Hold => held.push(i),
+                GateAction::Release => {
+                    out.append(&mut held);
+                    out.push(i);
+                }
+                GateAction::DiscardHeld => {
+                    held.clear();
+                    out.push(i);
+                }
+            }
+        }
+        out.append(&mut held);
+        out
+    }
+
+    fn gop_stream(seconds: u32, fps: u32, gop: u32) -> Vec<(f64, bool)> {
+        (0..seconds * fps)
+            .map(|i| (f64::from(i) / f64::from(fps), i % gop != 0))
+            .collect()
+    }
+
     #[test]
     fn gate_switches_to_keyframes_only_when_gop_allows() {
         let mut g = KeyframeGate::new(true, 1.0);
-        let mut passed = 0;
-        for i in 0..300 {
-            let t = f64::from(i) / 30.0;
-            if g.pass(Some(t), i % 30 != 0) {
-                passed += 1;
-            }
-        }
+        let out = decoded(&mut g, &gop_stream(10, 30, 30));
         assert!(g.key_only());
-        // Full decode for the first GOP, then one frame per second.
-        assert_eq!(passed, 30 + 9);
-        // A 2 s GOP at 1 fps: never key-only, even after a scene-cut keyframe.
+        // Not a single delta frame is decoded: the first GOP's were held, then discarded.
+        assert_eq!(out, (0..10).map(|s| s * 30).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn gate_releases_held_frames_in_order_when_the_gop_is_long() {
+        // A 2 s GOP at 1 fps: never key-only, even after a scene-cut keyframe (i = 75), and
+        // every frame reaches the decoder exactly once, in order.
+        let mut stream = gop_stream(20, 30, 60);
+        stream[75].1 = false;
         let mut g = KeyframeGate::new(true, 1.0);
-        for i in 0..600 {
-            g.pass(Some(f64::from(i) / 30.0), i % 60 != 0 && i != 75);
-        }
+        let out = decoded(&mut g, &stream);
         assert!(!g.key_only());
+        assert_eq!(out, (0..stream.len()).collect::<Vec<_>>());
+        // A stream that ends while frames are held still gets them (the probe flushes at EOS).
+        let mut g = KeyframeGate::new(true, 1.0);
+        let short = gop_stream(1, 30, 30);
+        assert_eq!(decoded(&mut g, &short), (0..30).collect::<Vec<_>>());
         // Disabled by config.
         let mut g = KeyframeGate::new(false, 1.0);
-        for i in 0..300 {
-            assert!(g.pass(Some(f64::from(i) / 30.0), i % 30 != 0));
-        }
+        let stream = gop_stream(10, 30, 30);
+        assert_eq!(decoded(&mut g, &stream).len(), stream.len());
     }
 
     #[test]

@@ -35,6 +35,23 @@ pub struct VideoFrame {
     pub captured: Instant,
 }
 
+impl VideoFrame {
+    /// JPEG (quality 85), for snapshots and the web page.
+    pub fn jpeg(&self) -> Option<Vec<u8>> {
+        use image::ImageEncoder;
+        let mut buf = Vec::new();
+        let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 85);
+        enc.write_image(
+            &self.rgb,
+            self.width,
+            self.height,
+            image::ExtendedColorType::Rgb8,
+        )
+        .ok()?;
+        Some(buf)
+    }
+}
+
 /// A chunk of 16 kHz mono audio starting at sample-exact media time `t`.
 #[derive(Debug, Clone)]
 pub struct AudioChunk {

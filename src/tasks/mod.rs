@@ -259,13 +259,14 @@ impl SourceTask {
         self.look_requested = false;
         self.last_sent = Some(frame.t);
         self.gov.note_frame_sent(frame.t);
-        if let Some(jpeg) = encode_jpeg(&frame) {
-            self.env.live_board.set_frame(&self.name, frame.t, jpeg);
-        }
+        let frame = Arc::new(frame);
+        self.env
+            .live_board
+            .set_frame(&self.name, Arc::clone(&frame));
         let captured = frame.captured;
         let t = frame.t;
         if task == TaskKind::Describe && self.spec.window_frames > 1 {
-            self.window.push(Arc::new(frame));
+            self.window.push(frame);
             if self.window.len() < self.spec.window_frames as usize {
                 return None;
             }
@@ -300,7 +301,7 @@ impl SourceTask {
                 }
             }
         }
-        job.frame = Some(Arc::new(frame));
+        job.frame = Some(frame);
         Some(job)
     }
 
@@ -623,7 +624,7 @@ impl SourceTask {
         }
         let dir = PathBuf::from(&self.env.alerts.snapshot_dir).join(&self.name);
         let path = dir.join(format!("{:010.3}.jpg", f.t));
-        let jpeg = encode_jpeg(f)?;
+        let jpeg = f.jpeg()?;
         match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, jpeg)) {
             Ok(()) => Some(path.display().to_string()),
             Err(e) => {
@@ -718,14 +719,3 @@ fn mmss(t: f64) -> String {
     let s = t.max(0.0) as u64;
     format!("{:02}:{:02}", s / 60, s % 60)
 }
-
-/// JPEG (quality 85) of an RGB frame, for snapshots and the web page.
-pub fn encode_jpeg(f: &VideoFrame) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 85);
-    enc.write_image(&f.rgb, f.width, f.height, image::ExtendedColorType::Rgb8)
-        .ok()?;
-    Some(buf)
-}
-
-use image::ImageEncoder;

@@ -15,6 +15,7 @@ use percept::control::{
 use percept::event::{Body, CaptionStatus, Event, SourceState};
 use percept::http::{self, AppState, Server};
 use percept::ingest::supervisor::StateBoard;
+use percept::ingest::VideoFrame;
 use percept::metrics::Metrics;
 use percept::sink::Events;
 use serde_json::Value;
@@ -581,15 +582,18 @@ fn frame_image_and_model_health() {
     assert_eq!(none.status, 404);
     assert!(none.json()["error"].as_str().unwrap().contains("door"));
 
-    let jpeg = test_jpeg();
-    r.live.set_frame("door", 2.0, jpeg.clone());
+    r.live.set_frame("door", test_frame(2.0));
     let img = request(&r, "GET", "/v1/sources/door/frame.jpg", None);
     assert_eq!(img.status, 200);
     assert!(img
         .headers
         .to_ascii_lowercase()
         .contains("content-type: image/jpeg"));
-    assert_eq!(img.body, jpeg);
+    // The frame, encoded on request: a 320x240 JPEG whose dark square is still there.
+    let decoded = image::load_from_memory(&img.body).unwrap().to_rgb8();
+    assert_eq!(decoded.dimensions(), (320, 240));
+    assert!(decoded.get_pixel(140, 120).0.iter().all(|&c| c < 60));
+    assert!(decoded.get_pixel(10, 10).0[2] > 120);
 
     let ok = request(&r, "GET", "/healthz", None);
     assert_eq!(ok.status, 200);
@@ -623,7 +627,7 @@ fn page_is_self_contained() {
 }
 
 /// A 320x240 colour gradient with a dark square, as JPEG.
-fn test_jpeg() -> Vec<u8> {
+fn test_frame(t: f64) -> Arc<VideoFrame> {
     let img = image::RgbImage::from_fn(320, 240, |x, y| {
         if (100..180).contains(&x) && (80..160).contains(&y) {
             image::Rgb([20, 20, 20])
@@ -631,9 +635,13 @@ fn test_jpeg() -> Vec<u8> {
             image::Rgb([(x * 255 / 320) as u8, (y * 255 / 240) as u8, 160])
         }
     });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
-    out.into_inner()
+    Arc::new(VideoFrame {
+        t,
+        width: 320,
+        height: 240,
+        rgb: img.into_raw(),
+        captured: Instant::now(),
+    })
 }
 
 fn chromium() -> Option<&'static str> {
@@ -732,7 +740,7 @@ fn render_page(chromium: &str) -> Rendered {
         info("meeting", TaskKind::Caption, SourceState::Connecting),
     ]);
     let r = start(Some(ctl.clone()));
-    r.live.set_frame("door", 6.0, test_jpeg());
+    r.live.set_frame("door", test_frame(6.0));
     r.live
         .describe_frame("door", 6.0, "A grey door with a dark square window.");
     let dir = crate::common::tmpdir("chromium");
