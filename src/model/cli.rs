@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 
-use super::config::{Gemma4Config, KvSource};
+use super::config::{Arch, Gemma4Config, KvSource};
 use super::generate::{Request, Sampling};
 use super::layers::Quant;
 use super::loader::{ModelFiles, Weights};
@@ -104,7 +104,8 @@ pub fn default_device() -> anyhow::Result<(candle_core::Device, candle_core::DTy
     Ok((candle_core::Device::Cpu, candle_core::DType::F32))
 }
 
-/// Parameter counts by part, from the safetensors headers.
+/// Parameter counts by part, from the safetensors headers. For `gemma4_unified` the
+/// "towers" are the encoder-free embedders (`model.vision_embedder`, `model.embed_*`).
 #[derive(Debug, Default, serde::Serialize)]
 pub struct ParamCounts {
     pub decoder_linears: usize,
@@ -122,7 +123,10 @@ pub fn count_params(w: &Weights) -> ParamCounts {
     for name in w.names() {
         let n: usize = w.shape_of(&name).map(|s| s.iter().product()).unwrap_or(0);
         c.total += n;
-        if name.starts_with("model.vision_tower") || name.starts_with("model.embed_vision") {
+        if name.starts_with("model.vision_tower")
+            || name.starts_with("model.embed_vision")
+            || name.starts_with("model.vision_embedder")
+        {
             c.vision_tower += n;
         } else if name.starts_with("model.audio_tower") || name.starts_with("model.embed_audio") {
             c.audio_tower += n;
@@ -223,6 +227,13 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
             "final_logit_softcapping": t.final_logit_softcapping,
             "vision_tower": cfg.vision_config.is_some(),
             "audio_tower": cfg.audio_config.is_some(),
+            "vision_embedder": cfg.unified_vision.is_some(),
+            "audio_embedder": cfg.unified_audio.is_some(),
+            "vision_mask": match (cfg.arch, t.use_bidirectional_attention.as_deref()) {
+                (Arch::Gemma4Unified, Some("vision")) => "image blocks on every layer",
+                (_, Some("vision")) => "image blocks on sliding layers",
+                _ => "causal",
+            },
         },
         "params": counts,
         "context_for_kv": a.context,
@@ -232,7 +243,12 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         let arch = &out["architecture"];
-        println!("{} ({})", a.model, files.dir.display());
+        println!(
+            "{} ({}, {})",
+            a.model,
+            cfg.arch.model_type(),
+            files.dir.display()
+        );
         println!(
             "  decoder: {} layers ({} sliding / {} full), hidden {}, heads {}, window {}, KV-shared {}, PLE {:?}",
             t.num_hidden_layers,
