@@ -310,6 +310,9 @@ fn unified_model_run_reproduces_reference_tokens() {
     ]);
     assert_eq!(v["image_tokens"], 63);
     assert_eq!(v["output_ids"], unified_reference_tokens("image"));
+    // Without --max-soft-tokens the checkpoint's processor_config.json budget (70) applies.
+    let v = unified_run(&["--image", &img, "--prompt", "What is in this image?"]);
+    assert_eq!(v["image_tokens"], 63);
     let v = unified_run(&["--audio", &wav, "--prompt", "Transcribe this audio."]);
     assert_eq!(v["audio_tokens"], 30);
     assert_eq!(v["output_ids"], unified_reference_tokens("audio"));

@@ -69,9 +69,10 @@ pub struct RunArgs {
     /// Prompt tokens per prefill forward.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
-    /// Image soft-token budget (70, 140, 280, 560 or 1120).
-    #[arg(long, default_value_t = super::media::DEFAULT_IMAGE_SOFT_TOKENS)]
-    pub max_soft_tokens: usize,
+    /// Image soft-token budget (70, 140, 280, 560 or 1120). Default: the checkpoint's
+    /// `processor_config.json` `image_processor.max_soft_tokens`, else 280.
+    #[arg(long)]
+    pub max_soft_tokens: Option<usize>,
     /// Let the model think (`enable_thinking`).
     #[arg(long)]
     pub thinking: bool,
@@ -311,7 +312,11 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
     let mut media = Vec::new();
     let mut content = Vec::new();
     if !a.images.is_empty() || a.audio.is_some() {
-        let own = super::media::TowerEncoder::new(a.max_soft_tokens);
+        let budget = a.max_soft_tokens.unwrap_or_else(|| {
+            super::media::processor_image_budget(&model.files.dir)
+                .unwrap_or(super::media::DEFAULT_IMAGE_SOFT_TOKENS)
+        });
+        let own = super::media::TowerEncoder::new(budget);
         let enc: &dyn MediaEncoder = encoder.unwrap_or(&own);
         for p in &a.images {
             let t = enc.encode_image(&model, p)?;

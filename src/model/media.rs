@@ -20,6 +20,17 @@ use crate::preprocess;
 /// Default image soft-token budget (the reference's default `max_soft_tokens`).
 pub const DEFAULT_IMAGE_SOFT_TOKENS: usize = 280;
 
+/// The image budget a checkpoint's processor uses (`processor_config.json`
+/// `image_processor.max_soft_tokens`), if it ships one.
+pub fn processor_image_budget(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("processor_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let n = v.get("image_processor")?.get("max_soft_tokens")?.as_u64()? as usize;
+    preprocess::image::SUPPORTED_SOFT_TOKENS
+        .contains(&n)
+        .then_some(n)
+}
+
 /// Encodes images and audio with the checkpoint's own towers.
 pub struct TowerEncoder {
     /// Image budget: one of 70, 140, 280, 560, 1120.
