@@ -185,6 +185,41 @@ fn prefill_logits(m: &Gemma4, ids: &[u32], soft: &SoftTokens) -> Tensor {
         .remove(0)
 }
 
+/// Prefill, then one-token cached decode steps fed the reference's greedy tokens: the
+/// largest difference to the reference's per-step logits `[12, vocab]`.
+fn cached_step_logits_diff(
+    m: &Gemma4,
+    ids: &[u32],
+    soft: &SoftTokens,
+    generated: &[u32],
+    want: &Tensor,
+) -> f32 {
+    let pe = embed_prompt(&m.text, ids, soft, &m.placeholders()).unwrap();
+    let mut cache = m.text.new_cache();
+    let mut segs = [Segment {
+        cache: &mut cache,
+        len: ids.len(),
+        logits: LogitRows::Last,
+        block_ids: Some(pe.block_ids.clone()),
+    }];
+    let mut got = vec![m
+        .text
+        .forward(&pe.embeds, None, &mut segs)
+        .unwrap()
+        .remove(0)];
+    for &t in &generated[..generated.len() - 1] {
+        let e = m.text.embed_tokens(&[t]).unwrap();
+        let mut segs = [Segment {
+            cache: &mut cache,
+            len: 1,
+            logits: LogitRows::Last,
+            block_ids: None,
+        }];
+        got.push(m.text.forward(&e, None, &mut segs).unwrap().remove(0));
+    }
+    max_diff(&Tensor::cat(&got, 0).unwrap(), want)
+}
+
 /// Checks logits (all positions) and the 12 greedy tokens of a case; returns the largest
 /// logit difference.
 fn check_case(f: &Fixture, name: &str, src: Source) -> f32 {
@@ -231,6 +266,19 @@ fn check_case(f: &Fixture, name: &str, src: Source) -> f32 {
             },
             want_gen,
         ));
+    }
+    if let (Source::Reference, Some(step)) = (src, tensor(f, c, "step_logits")) {
+        for (row, (req, want_gen)) in requests.iter().enumerate() {
+            let d = cached_step_logits_diff(
+                m,
+                &req.input_ids,
+                &req.soft,
+                want_gen,
+                &step.get(row).unwrap(),
+            );
+            eprintln!("{name} row {row}: cached decode step logits max diff {d:.3e}");
+            assert!(d < LOGIT_TOL, "{name} row {row}: step logits differ by {d}");
+        }
     }
     // Greedy tokens with stop ids disabled as in the fixture; chunked prefill (5 rows per
     // forward, images kept whole) and all rows in one batch.
