@@ -187,7 +187,12 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
             + counts.token_embeddings
             + tied_head
             + counts.per_layer_embeddings;
-        let tower_b = if q == Quant::F32 { 4.0 } else { 2.0 };
+        // The unified model's embedders always load in f32 (`model::unified`).
+        let tower_b = if q == Quant::F32 || cfg.arch == Arch::Gemma4Unified {
+            4.0
+        } else {
+            2.0
+        };
         let weights = quantized as f64 * bpw
             + counts.norms_and_scalars as f64 * 4.0
             + (counts.vision_tower + counts.audio_tower) as f64 * tower_b;
