@@ -203,3 +203,154 @@ fn long_audio_is_split_into_30s_clips() {
     let expect = 2 * per_clip(480_000) + per_clip(160_000);
     assert_eq!(v["audio_tokens"], expect);
 }
+
+// ---- gemma4_unified (the 12B architecture) -------------------------------------------
+
+fn unified_dir() -> String {
+    format!(
+        "{}/tests/fixtures/gemma4_unified",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn unified_reference_tokens(case: &str) -> serde_json::Value {
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{}/cases.json", unified_dir())).unwrap(),
+    )
+    .unwrap();
+    cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == case)
+        .unwrap()["generated"][0]
+        .clone()
+}
+
+fn unified_run(extra: &[&str]) -> serde_json::Value {
+    let model = format!("{}/model", unified_dir());
+    let out = Command::new(env!("CARGO_BIN_EXE_percept"))
+        .args([
+            "model",
+            "run",
+            "--model",
+            &model,
+            "--max-tokens",
+            "12",
+            "--json",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn unified_model_info_reports_the_architecture() {
+    let model = format!("{}/model", unified_dir());
+    let out = Command::new(env!("CARGO_BIN_EXE_percept"))
+        .args(["model", "info", &model, "--context", "100", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a = &v["architecture"];
+    assert_eq!(a["model_type"], "gemma4_unified");
+    assert_eq!(a["layers"], 6);
+    assert_eq!(a["kv_heads_sliding"], 2);
+    assert_eq!(a["kv_heads_full"], 1);
+    assert_eq!(a["head_dim_full"], 64);
+    assert_eq!(a["ple_dim"], serde_json::Value::Null);
+    assert_eq!(a["vision_embedder"], true);
+    assert_eq!(a["vision_mask"], "image blocks on every layer");
+    // Vision: patch_ln1 (2 x 6912) + dense (16 x 6912 + 16) + ln2/pos_norm (2 x 2 x 16) +
+    // positions (32 x 2 x 16) + projection (64 x 16); audio: projection (64 x 640).
+    assert_eq!(
+        v["params"]["vision_tower"],
+        2 * 6912 + 16 * 6912 + 16 + 4 * 16 + 32 * 2 * 16 + 64 * 16
+    );
+    assert_eq!(v["params"]["audio_tower"], 64 * 640);
+    assert_eq!(v["params"]["per_layer_embeddings"], 0);
+    // KV at 100 tokens, f32: 4 sliding layers (W = 8, 2 kv heads x 32) + 2 full layers
+    // (1 kv head x 64, all 100 positions).
+    let kv = v["memory_estimates"][0]["kv_gib_at_context"]
+        .as_f64()
+        .unwrap()
+        * (1u64 << 30) as f64;
+    assert_eq!(
+        kv.round() as usize,
+        4 * 2 * 2 * 32 * 4 * 8 + 2 * 2 * 64 * 4 * 100
+    );
+}
+
+/// `percept model run` on the unified fixture reproduces the reference's 12 greedy tokens
+/// for text, image (budget 70), audio and image+audio, end to end from the files.
+#[test]
+fn unified_model_run_reproduces_reference_tokens() {
+    let v = unified_run(&["--prompt", "Describe the weather in Paris today."]);
+    assert_eq!(v["output_ids"], unified_reference_tokens("text"));
+    let img = format!("{}/inputs/image.png", unified_dir());
+    let wav = format!("{}/inputs/audio.wav", unified_dir());
+    let v = unified_run(&[
+        "--image",
+        &img,
+        "--max-soft-tokens",
+        "70",
+        "--prompt",
+        "What is in this image?",
+    ]);
+    assert_eq!(v["image_tokens"], 63);
+    assert_eq!(v["output_ids"], unified_reference_tokens("image"));
+    // Without --max-soft-tokens the checkpoint's processor_config.json budget (70) applies.
+    let v = unified_run(&["--image", &img, "--prompt", "What is in this image?"]);
+    assert_eq!(v["image_tokens"], 63);
+    let v = unified_run(&["--audio", &wav, "--prompt", "Transcribe this audio."]);
+    assert_eq!(v["audio_tokens"], 30);
+    assert_eq!(v["output_ids"], unified_reference_tokens("audio"));
+    let v = unified_run(&[
+        "--image",
+        &img,
+        "--audio",
+        &wav,
+        "--max-soft-tokens",
+        "70",
+        "--prompt",
+        "Describe the picture and the sound.",
+    ]);
+    assert_eq!(v["input_ids"].as_array().unwrap().len(), 137);
+    assert_eq!(v["output_ids"], unified_reference_tokens("image_audio"));
+}
+
+/// Any WAV is decoded and resampled to 16 kHz mono first: the fixture's 1.2 s clip at
+/// 44.1 kHz stereo gives the same 30 audio tokens (640 samples each).
+#[test]
+fn unified_model_run_resamples_audio() {
+    let dir = std::env::temp_dir().join(format!("percept-unified-wav-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wav = dir.join("a44.wav");
+    let st = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y", "-i"])
+        .arg(format!("{}/inputs/audio.wav", unified_dir()))
+        .args(["-ar", "44100", "-ac", "2"])
+        .arg(&wav)
+        .status()
+        .expect("ffmpeg");
+    assert!(st.success());
+    let v = unified_run(&[
+        "--audio",
+        wav.to_str().unwrap(),
+        "--prompt",
+        "Transcribe this audio.",
+    ]);
+    assert_eq!(v["audio_tokens"], 30);
+    assert_eq!(v["output_ids"].as_array().unwrap().len(), 12);
+}

@@ -1,6 +1,8 @@
-//! `percept bench model`: random weights at the real E2B/E4B shapes, per quantization:
-//! load time, peak RSS, prefill and decode tokens/s, and decode speed as a fraction of the
-//! memory-bandwidth bound measured in the same process.
+//! `percept bench model`: random weights at the real E2B/E4B/12B shapes (or any
+//! `config.json`), per quantization: load time, peak RSS, prefill and decode tokens/s, and
+//! decode speed as a fraction of the memory-bandwidth bound measured in the same process.
+//! For the encoder-free 12B (`gemma4_unified`) it also times the vision embedder per frame
+//! at each image budget and the audio embedder per second of audio.
 //!
 //! Each quantization runs in a child process so that peak RSS (`VmHWM`) is its own.
 
@@ -8,7 +10,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::config::TextConfig;
+use super::config::{Gemma4Config, TextConfig};
 use super::layers::Quant;
 use super::loader::Weights;
 use super::testing::SplitMix64;
@@ -16,7 +18,7 @@ use super::text::{LoadOptions, LogitRows, Segment, TextModel};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Architectures: e2b, e4b (comma separated).
+    /// Architectures: e2b, e4b, 12b, or a path to a `config.json` (comma separated).
     #[arg(long, default_value = "e2b", value_delimiter = ',')]
     pub arch: Vec<String>,
     /// Quantizations (comma separated).
@@ -65,6 +67,42 @@ pub fn real_text_config(arch: &str) -> anyhow::Result<TextConfig> {
     Ok(serde_json::from_value(v)?)
 }
 
+/// The 12B (`gemma4_unified`) shape. Confirmed (shared/reference/gemma4.md, issue 5): 48
+/// layers, hidden 3840, window 1024, one full layer in six, 8 local / 1 global kv heads, K=V
+/// on global layers, no PLE, vision patches 48x48 into mm_embed_dim 3840, audio frames of
+/// 640 samples. Assumed from Gemma 3 12B (same hidden and depth; check against the released
+/// `config.json`, which `--arch path/to/config.json` takes directly): 16 query heads,
+/// head_dim 256 (512 on full layers, the Gemma 4 default), intermediate 15360.
+pub const GEMMA4_12B_CONFIG: &str = r#"{
+  "model_type": "gemma4_unified",
+  "text_config": {
+    "model_type": "gemma4_unified_text", "vocab_size": 262144, "hidden_size": 3840,
+    "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 256, "global_head_dim": 512,
+    "num_global_key_value_heads": 1, "attention_k_eq_v": true, "sliding_window": 1024,
+    "final_logit_softcapping": 30.0, "max_position_embeddings": 262144,
+    "use_bidirectional_attention": "vision"
+  },
+  "vision_config": {"patch_size": 16, "pooling_kernel_size": 3, "mm_embed_dim": 3840,
+    "mm_posemb_size": 1120, "output_proj_dims": 3840},
+  "audio_config": {"audio_embed_dim": 640}
+}"#;
+
+/// The whole config of a benchmark architecture: `e2b`, `e4b` (text only), `12b`, or a
+/// path to a `config.json` of either architecture.
+pub fn real_config(arch: &str) -> anyhow::Result<Gemma4Config> {
+    match arch {
+        "e2b" | "e4b" => {
+            let v =
+                serde_json::json!({"model_type": "gemma4", "text_config": real_text_config(arch)?});
+            Ok(Gemma4Config::from_json_str(&v.to_string(), arch)?)
+        }
+        "12b" => Ok(Gemma4Config::from_json_str(GEMMA4_12B_CONFIG, "12b")?),
+        path if path.ends_with(".json") => Ok(Gemma4Config::from_file(std::path::Path::new(path))?),
+        _ => anyhow::bail!("unknown arch {arch:?} (e2b, e4b, 12b or a config.json path)"),
+    }
+}
+
 fn proc_status_kib(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     s.lines()
@@ -96,13 +134,15 @@ pub fn measure_read_bandwidth() -> f64 {
     best
 }
 
-fn run_one(
+/// One (arch, quant) measurement in this process (what a child process of [`run`] does).
+pub fn run_one(
     arch: &str,
     quant: Quant,
     prompt: usize,
     decode: usize,
 ) -> anyhow::Result<serde_json::Value> {
-    let cfg = real_text_config(arch)?;
+    let full = real_config(arch)?;
+    let cfg = full.text_config.clone();
     let t0 = Instant::now();
     let w = Weights::random(0x5eed, &candle_core::Device::Cpu, candle_core::DType::F32);
     let opts = LoadOptions {
@@ -117,7 +157,12 @@ fn run_one(
 
     let mut rng = SplitMix64(7);
     let ids: Vec<u32> = (0..prompt)
-        .map(|_| 1000 + (rng.next_u64() % 200_000) as u32)
+        .map(|_| {
+            // Ordinary vocabulary ids (past the specials), within the table of small shapes.
+            let v = cfg.vocab_size as u64;
+            let lo = if v > 201_000 { 1000 } else { 0 };
+            (lo + rng.next_u64() % (v - lo).min(200_000)) as u32
+        })
         .collect();
     let mut cache = m.new_cache();
     let t = Instant::now();
@@ -148,6 +193,7 @@ fn run_one(
         tok = super::generate::argmax(&l[0].squeeze(0)?.to_vec1::<f32>()?);
     }
     let decode_s = t.elapsed().as_secs_f64();
+    let media = media_timings(&full, &w)?;
     let bw = measure_read_bandwidth();
     let bytes_tok = m.decode_bytes_per_token() as f64;
     let decode_tps = decode as f64 / decode_s;
@@ -171,7 +217,61 @@ fn run_one(
         "bandwidth_bound_tok_s": bound_tps,
         "fraction_of_bound": decode_tps / bound_tps,
         "kv_cache_mib": cache.bytes() as f64 / (1u64 << 20) as f64,
+        "media": media,
     }))
+}
+
+/// Encoder-free media front of `gemma4_unified`: soft tokens and milliseconds of the vision
+/// embedder for one 1280x720 frame at each image budget, and of the audio embedder per
+/// second of audio (25 tokens). Null for other architectures (their towers are not timed
+/// here).
+fn media_timings(cfg: &Gemma4Config, w: &Weights) -> anyhow::Result<serde_json::Value> {
+    use super::unified::{AudioEmbedder, VisionEmbedder};
+    use crate::preprocess::{image::RgbImage, unified::preprocess_image};
+    let hidden = cfg.text_config.hidden_size;
+    let dev = candle_core::Device::Cpu;
+    let mut out = serde_json::Map::new();
+    if let Some(vc) = &cfg.unified_vision {
+        let v = VisionEmbedder::load(w, vc, hidden)?;
+        let (fw, fh) = (1280, 720);
+        let frame = RgbImage::new(
+            fw,
+            fh,
+            (0..fw * fh * 3).map(|i| (i * 131 % 251) as u8).collect(),
+        );
+        let mut rows = Vec::new();
+        for budget in crate::preprocess::image::SUPPORTED_SOFT_TOKENS {
+            let t = Instant::now();
+            let input = preprocess_image(&frame, budget)?;
+            let pre_ms = t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
+            // A small position table (test shapes) cannot place the largest grids: report
+            // that budget as an error instead of failing the run.
+            match v.encode(&input, &dev) {
+                Ok(soft) => rows.push(serde_json::json!({
+                    "budget": budget, "tokens": soft.dim(0)?,
+                    "preprocess_ms": pre_ms, "embed_ms": t.elapsed().as_secs_f64() * 1e3,
+                })),
+                Err(e) => rows.push(serde_json::json!({"budget": budget, "error": e.to_string()})),
+            }
+        }
+        out.insert("image_1280x720".into(), rows.into());
+    }
+    if let Some(ac) = &cfg.unified_audio {
+        let a = AudioEmbedder::load(w, ac, hidden)?;
+        let samples: Vec<f32> = (0..16_000).map(|i| ((i as f32) * 0.05).sin()).collect();
+        let t = Instant::now();
+        let soft = a.encode(&samples, &dev)?;
+        out.insert(
+            "audio_per_second".into(),
+            serde_json::json!({"tokens": soft.dim(0)?, "embed_ms": t.elapsed().as_secs_f64() * 1e3}),
+        );
+    }
+    Ok(if out.is_empty() {
+        serde_json::Value::Null
+    } else {
+        out.into()
+    })
 }
 
 /// Entry point of `percept bench model`.
@@ -228,6 +328,23 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                     v["bandwidth_bound_tok_s"].as_f64().unwrap_or(0.0),
                     v["read_bandwidth_gb_s"].as_f64().unwrap_or(0.0),
                 );
+                if let Some(rows) = v["media"]["image_1280x720"].as_array() {
+                    for r in rows.iter().filter(|r| r.get("error").is_none()) {
+                        println!(
+                            "     image 1280x720 @ {:4}: {:4} tokens, preprocess {:7.1} ms, embed {:7.1} ms",
+                            r["budget"], r["tokens"],
+                            r["preprocess_ms"].as_f64().unwrap_or(0.0),
+                            r["embed_ms"].as_f64().unwrap_or(0.0)
+                        );
+                    }
+                }
+                if let Some(a) = v["media"]["audio_per_second"].as_object() {
+                    println!(
+                        "     audio: {} tokens per second, embed {:.1} ms per second",
+                        a["tokens"],
+                        a["embed_ms"].as_f64().unwrap_or(0.0)
+                    );
+                }
             }
         }
     }
@@ -256,5 +373,47 @@ mod tests {
         let e4b = real_text_config("e4b").unwrap().layer_specs().unwrap();
         assert_eq!(e4b.len(), 42);
         assert_eq!(e4b[5].num_kv_heads, 2);
+        let c12 = real_config("12b").unwrap();
+        assert_eq!(c12.arch, crate::model::config::Arch::Gemma4Unified);
+        let s = c12.text_config.layer_specs().unwrap();
+        assert_eq!(s.len(), 48);
+        assert_eq!(s.iter().filter(|s| s.sliding_window.is_none()).count(), 8);
+        assert_eq!(
+            (s[0].num_kv_heads, s[0].head_dim, s[0].sliding_window),
+            (8, 256, Some(1024))
+        );
+        assert_eq!(
+            (s[5].num_kv_heads, s[5].head_dim, s[5].k_eq_v),
+            (1, 512, true)
+        );
+        assert!(s.iter().all(|s| s.kv == KvSource::Own));
+        assert_eq!(c12.text_config.ple_dim(), None);
+        assert_eq!(c12.unified_vision.unwrap().patch_dim(), 6912);
+    }
+
+    /// The whole benchmark path (random weights, decoder, embedders, JSON) on a tiny
+    /// `gemma4_unified` shape given as a config.json path.
+    #[test]
+    fn tiny_unified_shape_runs() {
+        let spec = crate::model::testing::TinySpec {
+            mm_posemb_size: 64,
+            ..crate::model::testing::TinySpec::unified()
+        };
+        let dir = crate::model::testing::temp_model_dir("bench-unified");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        let cfg = crate::model::testing::tiny_config_json(&spec);
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let v = run_one(path.to_str().unwrap(), Quant::F32, 12, 3).unwrap();
+        assert_eq!(v["prompt_tokens"], 12);
+        assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
+        let img = v["media"]["image_1280x720"].as_array().unwrap();
+        assert_eq!(img.len(), 5);
+        // 1280x720 at 70 tokens -> 288x528 -> 6 x 11 merged patches.
+        assert_eq!(img[0]["tokens"], 66);
+        assert!(img
+            .iter()
+            .all(|r| r["tokens"].as_u64().unwrap() <= r["budget"].as_u64().unwrap()));
+        assert_eq!(v["media"]["audio_per_second"]["tokens"], 25);
     }
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 
-use super::config::{Gemma4Config, KvSource};
+use super::config::{Arch, Gemma4Config, KvSource};
 use super::generate::{Request, Sampling};
 use super::layers::Quant;
 use super::loader::{ModelFiles, Weights};
@@ -69,9 +69,10 @@ pub struct RunArgs {
     /// Prompt tokens per prefill forward.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
-    /// Image soft-token budget (70, 140, 280, 560 or 1120).
-    #[arg(long, default_value_t = super::media::DEFAULT_IMAGE_SOFT_TOKENS)]
-    pub max_soft_tokens: usize,
+    /// Image soft-token budget (70, 140, 280, 560 or 1120). Default: the checkpoint's
+    /// `processor_config.json` `image_processor.max_soft_tokens`, else 280.
+    #[arg(long)]
+    pub max_soft_tokens: Option<usize>,
     /// Let the model think (`enable_thinking`).
     #[arg(long)]
     pub thinking: bool,
@@ -104,7 +105,8 @@ pub fn default_device() -> anyhow::Result<(candle_core::Device, candle_core::DTy
     Ok((candle_core::Device::Cpu, candle_core::DType::F32))
 }
 
-/// Parameter counts by part, from the safetensors headers.
+/// Parameter counts by part, from the safetensors headers. For `gemma4_unified` the
+/// "towers" are the encoder-free embedders (`model.vision_embedder`, `model.embed_*`).
 #[derive(Debug, Default, serde::Serialize)]
 pub struct ParamCounts {
     pub decoder_linears: usize,
@@ -122,7 +124,10 @@ pub fn count_params(w: &Weights) -> ParamCounts {
     for name in w.names() {
         let n: usize = w.shape_of(&name).map(|s| s.iter().product()).unwrap_or(0);
         c.total += n;
-        if name.starts_with("model.vision_tower") || name.starts_with("model.embed_vision") {
+        if name.starts_with("model.vision_tower")
+            || name.starts_with("model.embed_vision")
+            || name.starts_with("model.vision_embedder")
+        {
             c.vision_tower += n;
         } else if name.starts_with("model.audio_tower") || name.starts_with("model.embed_audio") {
             c.audio_tower += n;
@@ -182,7 +187,12 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
             + counts.token_embeddings
             + tied_head
             + counts.per_layer_embeddings;
-        let tower_b = if q == Quant::F32 { 4.0 } else { 2.0 };
+        // The unified model's embedders always load in f32 (`model::unified`).
+        let tower_b = if q == Quant::F32 || cfg.arch == Arch::Gemma4Unified {
+            4.0
+        } else {
+            2.0
+        };
         let weights = quantized as f64 * bpw
             + counts.norms_and_scalars as f64 * 4.0
             + (counts.vision_tower + counts.audio_tower) as f64 * tower_b;
@@ -223,6 +233,13 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
             "final_logit_softcapping": t.final_logit_softcapping,
             "vision_tower": cfg.vision_config.is_some(),
             "audio_tower": cfg.audio_config.is_some(),
+            "vision_embedder": cfg.unified_vision.is_some(),
+            "audio_embedder": cfg.unified_audio.is_some(),
+            "vision_mask": match (cfg.arch, t.use_bidirectional_attention.as_deref()) {
+                (Arch::Gemma4Unified, Some("vision")) => "image blocks on every layer",
+                (_, Some("vision")) => "image blocks on sliding layers",
+                _ => "causal",
+            },
         },
         "params": counts,
         "context_for_kv": a.context,
@@ -232,7 +249,12 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         let arch = &out["architecture"];
-        println!("{} ({})", a.model, files.dir.display());
+        println!(
+            "{} ({}, {})",
+            a.model,
+            cfg.arch.model_type(),
+            files.dir.display()
+        );
         println!(
             "  decoder: {} layers ({} sliding / {} full), hidden {}, heads {}, window {}, KV-shared {}, PLE {:?}",
             t.num_hidden_layers,
@@ -295,7 +317,11 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
     let mut media = Vec::new();
     let mut content = Vec::new();
     if !a.images.is_empty() || a.audio.is_some() {
-        let own = super::media::TowerEncoder::new(a.max_soft_tokens);
+        let budget = a.max_soft_tokens.unwrap_or_else(|| {
+            super::media::processor_image_budget(&model.files.dir)
+                .unwrap_or(super::media::DEFAULT_IMAGE_SOFT_TOKENS)
+        });
+        let own = super::media::TowerEncoder::new(budget);
         let enc: &dyn MediaEncoder = encoder.unwrap_or(&own);
         for p in &a.images {
             let t = enc.encode_image(&model, p)?;

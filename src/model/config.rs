@@ -1,4 +1,6 @@
-//! Serde view of a Gemma 4 `config.json` (model_type `gemma4`).
+//! Serde view of a Gemma 4 `config.json`: model_type `gemma4` (E2B/E4B, vision and audio
+//! towers) or `gemma4_unified` (12B, encoder-free: raw pixel patches and waveform frames are
+//! projected straight into the decoder; `configuration_gemma4_unified.py`).
 //!
 //! Field names and defaults follow `configuration_gemma4.py` (transformers 5.24.0).
 //! Two text-config forms exist in the wild and both are accepted:
@@ -614,6 +616,95 @@ pub struct Gemma4Config {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default = "d_true")]
     pub tie_word_embeddings: bool,
+    /// Which architecture `model_type` names (not a JSON field of its own).
+    #[serde(skip)]
+    pub arch: Arch,
+    /// `vision_config` of a `gemma4_unified` checkpoint (then `vision_config` is None).
+    #[serde(skip)]
+    pub unified_vision: Option<UnifiedVisionConfig>,
+    /// `audio_config` of a `gemma4_unified` checkpoint (then `audio_config` is None).
+    #[serde(skip)]
+    pub unified_audio: Option<UnifiedAudioConfig>,
+}
+
+/// The two Gemma 4 architectures this crate runs, from `config.json` `model_type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    /// `gemma4`: E2B/E4B with vision and audio encoder towers.
+    #[default]
+    Gemma4,
+    /// `gemma4_unified`: the encoder-free 12B.
+    Gemma4Unified,
+}
+
+impl Arch {
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Gemma4 => "gemma4",
+            Arch::Gemma4Unified => "gemma4_unified",
+        }
+    }
+}
+
+/// `vision_config` of `gemma4_unified` (upstream `Gemma4UnifiedVisionConfig`): raw
+/// `(patch_size * pooling_kernel_size)^2 * 3` pixel patches projected by the vision embedder.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct UnifiedVisionConfig {
+    #[serde(default = "v_patch")]
+    pub patch_size: usize,
+    #[serde(default = "v_pool")]
+    pub pooling_kernel_size: usize,
+    /// Width of the patch embedding (upstream default 3840).
+    #[serde(default = "u_mm")]
+    pub mm_embed_dim: usize,
+    /// Rows of the factorized position table `[mm_posemb_size, 2, mm_embed_dim]`.
+    #[serde(default = "u_posemb")]
+    pub mm_posemb_size: usize,
+    #[serde(default = "d_eps")]
+    pub rms_norm_eps: f64,
+    /// Input width of the multimodal projection; must equal `mm_embed_dim`.
+    #[serde(default = "u_mm")]
+    pub output_proj_dims: usize,
+}
+
+impl UnifiedVisionConfig {
+    /// Side of a merged model patch in pixels (48).
+    pub fn model_patch_size(&self) -> usize {
+        self.patch_size * self.pooling_kernel_size
+    }
+
+    /// Values per merged patch: `model_patch_size^2 * 3` (6912).
+    pub fn patch_dim(&self) -> usize {
+        self.model_patch_size().pow(2) * 3
+    }
+}
+
+/// `audio_config` of `gemma4_unified` (upstream `Gemma4UnifiedAudioConfig`): each audio soft
+/// token is `audio_embed_dim` raw 16 kHz samples (640 = 40 ms).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct UnifiedAudioConfig {
+    #[serde(default = "u_audio")]
+    pub audio_embed_dim: usize,
+    #[serde(default = "d_eps")]
+    pub rms_norm_eps: f64,
+}
+
+impl UnifiedAudioConfig {
+    /// Raw samples per audio soft token (`audio_samples_per_token == audio_embed_dim`).
+    pub fn samples_per_token(&self) -> usize {
+        self.audio_embed_dim
+    }
+}
+
+fn u_mm() -> usize {
+    3840
+}
+fn u_posemb() -> usize {
+    1120
+}
+fn u_audio() -> usize {
+    640
 }
 
 fn t_boi() -> u32 {
@@ -642,40 +733,91 @@ impl Gemma4Config {
     /// Parses a `config.json` text. A bare text config (`gemma4_text`) is accepted too and
     /// wrapped with no towers.
     pub fn from_json_str(s: &str, path: &str) -> Result<Self, ConfigError> {
-        let v: serde_json::Value = serde_json::from_str(s).map_err(|source| ConfigError::Json {
+        let json_err = |source| ConfigError::Json {
             path: path.into(),
             source,
-        })?;
-        let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        let cfg: Gemma4Config = if v.get("text_config").is_some() {
-            serde_json::from_value(v).map_err(|source| ConfigError::Json {
-                path: path.into(),
-                source,
-            })?
-        } else if mt == "gemma4_text" {
-            let text: TextConfig =
-                serde_json::from_value(v).map_err(|source| ConfigError::Json {
-                    path: path.into(),
-                    source,
-                })?;
-            let wrapped = serde_json::json!({"model_type": "gemma4", "text_config": text});
-            serde_json::from_value(wrapped).map_err(|source| ConfigError::Json {
-                path: path.into(),
-                source,
-            })?
-        } else {
-            return Err(ConfigError::Unsupported(format!(
-                "{path}: model_type {mt:?} has no text_config; expected gemma4"
-            )));
         };
-        if let Some(mt) = cfg.model_type.as_deref() {
-            if mt != "gemma4" {
+        let mut v: serde_json::Value = serde_json::from_str(s).map_err(json_err)?;
+        let mt = v
+            .get("model_type")
+            .and_then(|m| m.as_str())
+            .unwrap_or("")
+            .to_string();
+        let arch = match mt.as_str() {
+            "gemma4" | "gemma4_text" | "" => Arch::Gemma4,
+            "gemma4_unified" | "gemma4_unified_text" => Arch::Gemma4Unified,
+            other => {
                 return Err(ConfigError::Unsupported(format!(
-                    "{path}: model_type {mt:?}, this loader reads \"gemma4\" (E2B/E4B)"
+                    "{path}: model_type {other:?}; this loader reads \"gemma4\" (E2B/E4B) and \"gemma4_unified\" (12B)"
+                )))
+            }
+        };
+        // A bare text config is wrapped with no vision/audio.
+        if v.get("text_config").is_none() {
+            if mt != "gemma4_text" && mt != "gemma4_unified_text" {
+                return Err(ConfigError::Unsupported(format!(
+                    "{path}: model_type {mt:?} has no text_config; expected gemma4 or gemma4_unified"
                 )));
             }
+            v = serde_json::json!({"model_type": arch.model_type(), "text_config": v});
         }
+        let (mut unified_vision, mut unified_audio) = (None, None);
+        if arch == Arch::Gemma4Unified {
+            let Some(obj) = v.as_object_mut() else {
+                return Err(ConfigError::Invalid(format!("{path}: not a JSON object")));
+            };
+            // The unified sub-configs have their own fields; keep them out of the tower types.
+            if let Some(vc) = obj.insert("vision_config".into(), serde_json::Value::Null) {
+                if !vc.is_null() {
+                    unified_vision = Some(serde_json::from_value(vc).map_err(json_err)?);
+                }
+            }
+            if let Some(ac) = obj.insert("audio_config".into(), serde_json::Value::Null) {
+                if !ac.is_null() {
+                    unified_audio = Some(serde_json::from_value(ac).map_err(json_err)?);
+                }
+            }
+            // Defaults of `Gemma4UnifiedTextConfig` that differ from `Gemma4TextConfig`:
+            // no per-layer embeddings, window 1024, vision-bidirectional attention.
+            if let Some(t) = obj.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+                for (k, d) in [
+                    ("hidden_size_per_layer_input", serde_json::json!(0)),
+                    ("sliding_window", serde_json::json!(1024)),
+                    ("use_bidirectional_attention", serde_json::json!("vision")),
+                    ("max_position_embeddings", serde_json::json!(262_144)),
+                ] {
+                    t.entry(k).or_insert(d);
+                }
+                if t.get("hidden_size_per_layer_input")
+                    .is_some_and(|x| x.is_null())
+                {
+                    t.insert("hidden_size_per_layer_input".into(), serde_json::json!(0));
+                }
+            }
+        }
+        let mut cfg: Gemma4Config = serde_json::from_value(v).map_err(json_err)?;
+        cfg.model_type = Some(arch.model_type().to_string());
+        cfg.arch = arch;
+        cfg.unified_vision = unified_vision;
+        cfg.unified_audio = unified_audio;
         cfg.text_config.validate()?;
+        if arch == Arch::Gemma4Unified {
+            if cfg.text_config.ple_dim().is_some() {
+                return Err(ConfigError::Unsupported(format!(
+                    "{path}: gemma4_unified with per-layer embeddings (hidden_size_per_layer_input > 0)"
+                )));
+            }
+            if let Some(vc) = &cfg.unified_vision {
+                if vc.output_proj_dims != vc.mm_embed_dim {
+                    // Upstream sizes the projection by output_proj_dims but feeds it
+                    // mm_embed_dim-wide rows: they must agree.
+                    return Err(ConfigError::Invalid(format!(
+                        "{path}: vision_config.output_proj_dims {} != mm_embed_dim {}",
+                        vc.output_proj_dims, vc.mm_embed_dim
+                    )));
+                }
+            }
+        }
         Ok(cfg)
     }
 

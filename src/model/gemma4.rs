@@ -1,12 +1,14 @@
-//! A loaded Gemma 4 checkpoint: config, decoder, tokenizer and stop ids.
+//! A loaded Gemma 4 checkpoint (`gemma4` or `gemma4_unified`): config, decoder, tokenizer
+//! and stop ids. Both architectures share the decoder ([`TextModel`]); they differ in the
+//! media front ([`super::media::TowerEncoder`] picks towers or embedders) and the vision mask.
 
 use std::path::Path;
 
-use super::config::Gemma4Config;
+use super::config::{Arch, Gemma4Config};
 use super::generate::{generate_batch, GenerateOptions, Generation, Request};
 use super::loader::{LoadError, ModelFiles, Weights};
 use super::multimodal::PlaceholderIds;
-use super::text::{LoadOptions, TextModel};
+use super::text::{LoadOptions, TextModel, VisionMask};
 use super::tokenizer::Gemma4Tokenizer;
 use super::ModelError;
 
@@ -46,7 +48,13 @@ impl Gemma4 {
         weights: Weights,
     ) -> Result<Self, LoadError> {
         let config = Gemma4Config::from_file(&files.config)?;
-        let text = TextModel::load(&weights, &config.text_config, opts)?;
+        let mut text = TextModel::load(&weights, &config.text_config, opts)?;
+        if config.arch == Arch::Gemma4Unified {
+            // The unified model's own forward lets a vision token see its whole image on
+            // every layer (see `VisionMask::BlockEverywhere`); that is what its `generate()`
+            // computes with the default cache.
+            text.set_vision_mask(VisionMask::BlockEverywhere);
+        }
         let tokenizer = match &files.tokenizer {
             Some(_) => Some(Gemma4Tokenizer::load(&files)?),
             None => None,

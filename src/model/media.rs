@@ -1,6 +1,8 @@
-//! [`MediaEncoder`] over the vision and audio towers: files -> preprocessing -> tower ->
-//! soft tokens `[n, text_hidden]`. Towers load lazily from the model's mapped weights on
-//! first use, so text-only runs never touch them.
+//! [`MediaEncoder`] over the checkpoint's own media path: files -> preprocessing -> tower ->
+//! soft tokens `[n, text_hidden]`. For `gemma4` (E2B/E4B) that is the vision/audio towers
+//! with mel features; for `gemma4_unified` (12B) the encoder-free embedders over merged
+//! 48x48 pixel patches and 640-sample waveform frames. Everything loads lazily from the
+//! model's mapped weights on first use, so text-only runs never touch it.
 
 use std::cell::OnceCell;
 use std::path::Path;
@@ -8,7 +10,9 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::audio::AudioTower;
+use super::config::Arch;
 use super::multimodal::MediaEncoder;
+use super::unified::{AudioEmbedder, VisionEmbedder};
 use super::vision::VisionTower;
 use super::{Gemma4, ModelError};
 use crate::preprocess;
@@ -16,12 +20,25 @@ use crate::preprocess;
 /// Default image soft-token budget (the reference's default `max_soft_tokens`).
 pub const DEFAULT_IMAGE_SOFT_TOKENS: usize = 280;
 
+/// The image budget a checkpoint's processor uses (`processor_config.json`
+/// `image_processor.max_soft_tokens`), if it ships one.
+pub fn processor_image_budget(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("processor_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let n = v.get("image_processor")?.get("max_soft_tokens")?.as_u64()? as usize;
+    preprocess::image::SUPPORTED_SOFT_TOKENS
+        .contains(&n)
+        .then_some(n)
+}
+
 /// Encodes images and audio with the checkpoint's own towers.
 pub struct TowerEncoder {
     /// Image budget: one of 70, 140, 280, 560, 1120.
     pub max_soft_tokens: usize,
     vision: OnceCell<VisionTower>,
     audio: OnceCell<AudioTower>,
+    unified_vision: OnceCell<VisionEmbedder>,
+    unified_audio: OnceCell<AudioEmbedder>,
 }
 
 impl TowerEncoder {
@@ -30,7 +47,36 @@ impl TowerEncoder {
             max_soft_tokens,
             vision: OnceCell::new(),
             audio: OnceCell::new(),
+            unified_vision: OnceCell::new(),
+            unified_audio: OnceCell::new(),
         }
+    }
+
+    fn unified_vision(&self, m: &Gemma4) -> Result<&VisionEmbedder, ModelError> {
+        if self.unified_vision.get().is_none() {
+            let cfg = m.config.unified_vision.as_ref().ok_or_else(|| {
+                ModelError::Request("this checkpoint has no vision_config".into())
+            })?;
+            let e = VisionEmbedder::load(&m.weights, cfg, m.config.text_config.hidden_size)?;
+            let _ = self.unified_vision.set(e);
+        }
+        self.unified_vision
+            .get()
+            .ok_or_else(|| ModelError::Request("vision embedder failed to initialise".into()))
+    }
+
+    fn unified_audio(&self, m: &Gemma4) -> Result<&AudioEmbedder, ModelError> {
+        if self.unified_audio.get().is_none() {
+            let cfg =
+                m.config.unified_audio.as_ref().ok_or_else(|| {
+                    ModelError::Request("this checkpoint has no audio_config".into())
+                })?;
+            let e = AudioEmbedder::load(&m.weights, cfg, m.config.text_config.hidden_size)?;
+            let _ = self.unified_audio.set(e);
+        }
+        self.unified_audio
+            .get()
+            .ok_or_else(|| ModelError::Request("audio embedder failed to initialise".into()))
     }
 
     fn vision(&self, m: &Gemma4) -> Result<&VisionTower, ModelError> {
@@ -70,6 +116,13 @@ impl TowerEncoder {
         img: &preprocess::image::RgbImage,
         budget: usize,
     ) -> Result<Tensor, ModelError> {
+        if model.config.arch == Arch::Gemma4Unified {
+            let input = preprocess::unified::preprocess_image(img, budget)
+                .map_err(|e| ModelError::Request(format!("frame: {e}")))?;
+            return self
+                .unified_vision(model)?
+                .encode(&input, model.text.device());
+        }
         let input = preprocess::image::preprocess(img, budget)
             .map_err(|e| ModelError::Request(format!("frame: {e}")))?;
         self.vision(model)?.encode(&input)
@@ -77,6 +130,12 @@ impl TowerEncoder {
 
     /// Soft tokens of 16 kHz mono samples (the first 30 s, as the reference keeps).
     pub fn encode_samples(&self, model: &Gemma4, samples: &[f32]) -> Result<Tensor, ModelError> {
+        if model.config.arch == Arch::Gemma4Unified {
+            let e = self.unified_audio(model)?;
+            let first = preprocess::unified::audio_items(samples, e.samples_per_token());
+            let item = first.first().copied().unwrap_or(&[]);
+            return e.encode(item, model.text.device());
+        }
         let mel = preprocess::mel::MelExtractor::new().extract(samples);
         self.audio(model)?.encode(&mel)
     }
@@ -89,6 +148,13 @@ fn pre_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
 impl MediaEncoder for TowerEncoder {
     fn encode_image(&self, model: &Gemma4, path: &Path) -> Result<Tensor, ModelError> {
         let img = preprocess::image::load_rgb(path).map_err(|e| pre_err(path, e))?;
+        if model.config.arch == Arch::Gemma4Unified {
+            let input = preprocess::unified::preprocess_image(&img, self.max_soft_tokens)
+                .map_err(|e| pre_err(path, e))?;
+            return self
+                .unified_vision(model)?
+                .encode(&input, model.text.device());
+        }
         let input = preprocess::image::preprocess(&img, self.max_soft_tokens)
             .map_err(|e| pre_err(path, e))?;
         self.vision(model)?.encode(&input)
@@ -100,6 +166,14 @@ impl MediaEncoder for TowerEncoder {
         let samples = preprocess::wav::load_mono_16k(path).map_err(|e| pre_err(path, e))?;
         if samples.is_empty() {
             return Err(pre_err(path, "no audio samples"));
+        }
+        if model.config.arch == Arch::Gemma4Unified {
+            // One item per 750 tokens (30 s), each its own `<|audio>...<audio|>` span.
+            let e = self.unified_audio(model)?;
+            return preprocess::unified::audio_items(&samples, e.samples_per_token())
+                .into_iter()
+                .map(|s| e.encode(s, model.text.device()))
+                .collect();
         }
         let tower = self.audio(model)?;
         preprocess::mel::MelExtractor::new()

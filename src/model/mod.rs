@@ -1,11 +1,12 @@
-//! Gemma 4 (E2B/E4B, model_type `gemma4`) on candle.
+//! Gemma 4 on candle: E2B/E4B (model_type `gemma4`) and the encoder-free 12B
+//! (`gemma4_unified`, see [`unified`]); `config.json` `model_type` picks the architecture.
 //!
 //! Data flow: [`loader`] finds files and maps tensors -> [`config`] resolves per-layer
 //! shapes -> [`text`] is the decoder (PLE, KV sharing, sliding/full attention, caches) ->
 //! [`multimodal`] scatters tower soft tokens onto placeholder positions -> [`generate`]
 //! runs batched prefill/decode with sampling. [`tokenizer`] renders the chat template and
 //! expands media placeholders; [`gemma4`] bundles a loaded checkpoint. The vision/audio
-//! towers live in `vision`/`audio`.
+//! towers live in `vision`/`audio`; the 12B's patch/waveform embedders in `unified`.
 pub mod audio;
 pub mod bench;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod multimodal;
 pub mod testing;
 pub mod text;
 pub mod tokenizer;
+pub mod unified;
 pub mod vision;
 
 pub use gemma4::Gemma4;

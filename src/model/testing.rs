@@ -63,6 +63,33 @@ pub struct TinySpec {
     pub bidirectional: Option<&'static str>,
     /// Shard the weights into two files with an index.
     pub sharded: bool,
+    /// Write a `gemma4_unified` (12B layout) checkpoint: model_type `gemma4_unified`, the
+    /// encoder-free vision embedder (`model.vision_embedder.*`, `model.embed_vision.*`) and
+    /// audio projection (`model.embed_audio.*`). Use [`TinySpec::unified`].
+    pub unified: bool,
+    /// Unified only: `vision_config.mm_embed_dim` (= `output_proj_dims`).
+    pub mm_embed_dim: usize,
+    /// Unified only: `vision_config.mm_posemb_size`.
+    pub mm_posemb_size: usize,
+}
+
+impl TinySpec {
+    /// A tiny checkpoint shaped like Gemma 4 12B (`gemma4_unified`): no PLE, no KV sharing,
+    /// 2 kv heads / head_dim 16 on sliding layers, 1 kv head / head_dim 32 with K=V on full
+    /// layers, vision-bidirectional attention, window 4.
+    pub fn unified() -> Self {
+        Self {
+            kv_heads: 2,
+            num_kv_shared_layers: 0,
+            ple_dim: 0,
+            double_wide: false,
+            k_eq_v: true,
+            global_kv_heads: Some(1),
+            bidirectional: Some("vision"),
+            unified: true,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for TinySpec {
@@ -93,6 +120,9 @@ impl Default for TinySpec {
             per_layer_config_form: false,
             bidirectional: None,
             sharded: false,
+            unified: false,
+            mm_embed_dim: 16,
+            mm_posemb_size: 32,
         }
     }
 }
@@ -246,12 +276,37 @@ pub fn tiny_config_json(spec: &TinySpec) -> serde_json::Value {
             );
         }
     }
+    let (model_type, arch, vision, audio) = if spec.unified {
+        if let Some(obj) = text.as_object_mut() {
+            obj.insert("model_type".into(), "gemma4_unified_text".into());
+            obj.remove("vocab_size_per_layer_input");
+            obj.remove("hidden_size_per_layer_input");
+            obj.remove("enable_moe_block");
+        }
+        (
+            "gemma4_unified",
+            "Gemma4UnifiedForConditionalGeneration",
+            serde_json::json!({"model_type": "gemma4_unified_vision", "patch_size": 16,
+                "pooling_kernel_size": 3, "mm_embed_dim": spec.mm_embed_dim,
+                "mm_posemb_size": spec.mm_posemb_size, "output_proj_dims": spec.mm_embed_dim,
+                "rms_norm_eps": 1e-6}),
+            serde_json::json!({"model_type": "gemma4_unified_audio", "audio_embed_dim": 640,
+                "rms_norm_eps": 1e-6}),
+        )
+    } else {
+        (
+            "gemma4",
+            "Gemma4ForConditionalGeneration",
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+        )
+    };
     serde_json::json!({
-        "model_type": "gemma4",
-        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": model_type,
+        "architectures": [arch],
         "text_config": text,
-        "vision_config": null,
-        "audio_config": null,
+        "vision_config": vision,
+        "audio_config": audio,
         "boi_token_id": id_of("<|image>"),
         "eoi_token_id": id_of("<image|>"),
         "image_token_id": id_of("<|image|>"),
@@ -416,6 +471,41 @@ pub fn tiny_tensors(spec: &TinySpec) -> candle_core::Result<BTreeMap<String, Ten
             )?;
         }
         put(format!("{l}.layer_scalar"), &[1], Init::Scalar, &mut rng)?;
+    }
+    if spec.unified {
+        // Encoder-free media front, hub names as transformers 5.24 saves them.
+        let pd = 48 * 48 * 3;
+        let d = spec.mm_embed_dim;
+        let v = "model.vision_embedder";
+        for (name, dim) in [("patch_ln1", pd), ("patch_ln2", d), ("pos_norm", d)] {
+            put(format!("{v}.{name}.weight"), &[dim], Init::Norm, &mut rng)?;
+            put(format!("{v}.{name}.bias"), &[dim], Init::Embed, &mut rng)?;
+        }
+        put(
+            format!("{v}.patch_dense.weight"),
+            &[d, pd],
+            Init::Linear(pd),
+            &mut rng,
+        )?;
+        put(format!("{v}.patch_dense.bias"), &[d], Init::Embed, &mut rng)?;
+        put(
+            format!("{v}.pos_embedding"),
+            &[spec.mm_posemb_size, 2, d],
+            Init::Embed,
+            &mut rng,
+        )?;
+        put(
+            "model.embed_vision.embedding_projection.weight".into(),
+            &[h, d],
+            Init::Linear(d),
+            &mut rng,
+        )?;
+        put(
+            "model.embed_audio.embedding_projection.weight".into(),
+            &[h, 640],
+            Init::Linear(640),
+            &mut rng,
+        )?;
     }
     Ok(out)
 }

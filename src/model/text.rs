@@ -271,7 +271,24 @@ pub struct TextModel {
     device: Device,
     dtype: DType,
     max_context: usize,
-    bidirectional_vision: bool,
+    vision_mask: VisionMask,
+}
+
+/// How image/video tokens of one block attend to each other
+/// (`use_bidirectional_attention = "vision"`); text tokens are always causal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VisionMask {
+    /// Plain causal (+ window) masks everywhere.
+    Causal,
+    /// `create_masks_for_vision_model` (used by `Gemma4Model`, i.e. the `gemma4` 26B/31B):
+    /// sliding layers `AND(window, OR(causal, same block))`, full layers causal.
+    WindowedBlock,
+    /// What `Gemma4UnifiedModel.forward` builds on its default path (a plain forward and
+    /// `generate()` with the default dynamic cache, transformers 5.24):
+    /// every layer `OR(causal [+ window], same block)`, so a vision token sees its whole
+    /// image on every layer, beyond the window.
+    BlockEverywhere,
 }
 
 impl TextModel {
@@ -417,7 +434,11 @@ impl TextModel {
             device: opts.device.clone(),
             dtype: opts.dtype,
             max_context: opts.max_context,
-            bidirectional_vision: cfg.use_bidirectional_attention.as_deref() == Some("vision"),
+            vision_mask: if cfg.use_bidirectional_attention.as_deref() == Some("vision") {
+                VisionMask::WindowedBlock
+            } else {
+                VisionMask::Causal
+            },
         })
     }
 
@@ -441,9 +462,22 @@ impl TextModel {
         self.max_context
     }
 
-    /// Whether sliding layers let vision tokens of one image see each other.
+    /// Whether vision tokens of one image see each other (then prefill never splits an
+    /// image across forwards).
     pub fn bidirectional_vision(&self) -> bool {
-        self.bidirectional_vision
+        self.vision_mask != VisionMask::Causal
+    }
+
+    pub fn vision_mask(&self) -> VisionMask {
+        self.vision_mask
+    }
+
+    /// Chooses the vision mask variant (the architecture decides; see [`VisionMask`]). A
+    /// config without `use_bidirectional_attention = "vision"` stays causal.
+    pub fn set_vision_mask(&mut self, mask: VisionMask) {
+        if self.vision_mask != VisionMask::Causal {
+            self.vision_mask = mask;
+        }
     }
 
     /// Bytes held by all weights of the decoder.
@@ -595,6 +629,30 @@ impl TextModel {
         ple: Option<&Tensor>,
         segments: &mut [Segment<'_>],
     ) -> CResult<Vec<Tensor>> {
+        self.forward_inner(embeds, ple, segments, None)
+    }
+
+    /// [`TextModel::forward`] that also returns the hidden states the reference reports
+    /// (`output_hidden_states`): the input embeddings, then each decoder layer's output
+    /// (packed rows, before the final norm). For parity debugging.
+    pub fn forward_traced(
+        &self,
+        embeds: &Tensor,
+        ple: Option<&Tensor>,
+        segments: &mut [Segment<'_>],
+    ) -> CResult<(Vec<Tensor>, Vec<Tensor>)> {
+        let mut trace = vec![embeds.clone()];
+        let out = self.forward_inner(embeds, ple, segments, Some(&mut trace))?;
+        Ok((out, trace))
+    }
+
+    fn forward_inner(
+        &self,
+        embeds: &Tensor,
+        ple: Option<&Tensor>,
+        segments: &mut [Segment<'_>],
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> CResult<Vec<Tensor>> {
         let total: usize = segments.iter().map(|s| s.len).sum();
         if embeds.dim(0)? != total {
             candle_core::bail!(
@@ -698,6 +756,9 @@ impl TextModel {
             }
             if layer.layer_scalar != 1.0 {
                 h = (h * layer.layer_scalar)?;
+            }
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(h.clone());
             }
         }
         for s in segments.iter_mut() {
@@ -804,18 +865,20 @@ impl TextModel {
             let scores = scores
                 .to_dtype(DType::F32)?
                 .reshape((nkv, groups, lq, lk))?;
-            let block_ids =
-                if self.bidirectional_vision && spec.layer_type == LayerType::SlidingAttention {
-                    s.block_ids.as_deref()
-                } else {
-                    None
-                };
+            let block_ids = match self.vision_mask {
+                VisionMask::Causal => None,
+                VisionMask::WindowedBlock => (spec.layer_type == LayerType::SlidingAttention)
+                    .then_some(s.block_ids.as_deref())
+                    .flatten(),
+                VisionMask::BlockEverywhere => s.block_ids.as_deref(),
+            };
             let scores = match build_mask(
                 &r.positions,
                 *first_pos,
                 lk,
                 spec.sliding_window,
                 block_ids,
+                self.vision_mask == VisionMask::BlockEverywhere,
                 s.cache.pos,
                 &self.device,
             )? {
@@ -862,15 +925,19 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
 /// Keys hold positions `first_pos..first_pos+lk`. A key is visible iff it is not in the
 /// future (`k <= q`) and, on sliding layers, inside the window (`k > q - W`, so exactly W
 /// keys). With vision block ids, keys of the same image block are visible in both
-/// directions (still subject to the window's left edge), as `create_masks_for_vision_model`.
+/// directions: still subject to the window's left edge (`create_masks_for_vision_model`), or,
+/// with `block_beyond_window`, regardless of the window (`Gemma4UnifiedModel`'s default
+/// masks: `OR(sliding causal, same block)`).
 /// `seg_start` is the position of the segment's first row; block ids index rows from it
 /// (keys from earlier calls count as non-vision: callers never split a vision block).
+#[allow(clippy::too_many_arguments)]
 pub fn build_mask(
     q_positions: &[usize],
     first_pos: usize,
     lk: usize,
     window: Option<usize>,
     block_ids: Option<&[i64]>,
+    block_beyond_window: bool,
     seg_start: usize,
     device: &Device,
 ) -> CResult<Option<Tensor>> {
@@ -900,7 +967,12 @@ pub fn build_mask(
                 Some(w) => kp + w > qp,
                 None => true,
             };
-            if !(in_window && (causal || same_block)) {
+            let visible = if block_beyond_window {
+                (in_window && causal) || same_block
+            } else {
+                in_window && (causal || same_block)
+            };
+            if !visible {
                 m[i * lk + j] = f32::NEG_INFINITY;
                 any = true;
             }
@@ -921,7 +993,7 @@ mod tests {
     fn sliding_mask_admits_exactly_w_keys() {
         let w = 4;
         let pos: Vec<usize> = (0..10).collect();
-        let m = build_mask(&pos, 0, 10, Some(w), None, 0, &Device::Cpu)
+        let m = build_mask(&pos, 0, 10, Some(w), None, false, 0, &Device::Cpu)
             .unwrap()
             .unwrap()
             .to_vec2::<f32>()
@@ -939,7 +1011,7 @@ mod tests {
     fn vision_blocks_see_forward_within_block() {
         let pos: Vec<usize> = (0..6).collect();
         let blocks = [-1, 0, 0, 0, -1, -1];
-        let m = build_mask(&pos, 0, 6, Some(8), Some(&blocks), 0, &Device::Cpu)
+        let m = build_mask(&pos, 0, 6, Some(8), Some(&blocks), false, 0, &Device::Cpu)
             .unwrap()
             .unwrap()
             .to_vec2::<f32>()
@@ -947,5 +1019,28 @@ mod tests {
         assert!(m[1][3].is_finite());
         assert!(!m[0][1].is_finite());
         assert!(!m[3][4].is_finite());
+    }
+
+    #[test]
+    fn unified_blocks_see_their_whole_image_past_the_window() {
+        // Window 2; positions 1..=5 are one image.
+        let pos: Vec<usize> = (0..7).collect();
+        let blocks = [-1, 0, 0, 0, 0, 0, -1];
+        let vis = |beyond: bool| {
+            build_mask(&pos, 0, 7, Some(2), Some(&blocks), beyond, 0, &Device::Cpu)
+                .unwrap()
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let (or, and) = (vis(true), vis(false));
+        // Query 5 (image) sees key 1 (same image, 4 back) only with the OR variant.
+        assert!(or[5][1].is_finite());
+        assert!(!and[5][1].is_finite());
+        // Query 1 sees the future key 5 in both.
+        assert!(or[1][5].is_finite() && and[1][5].is_finite());
+        // Text query 6 keeps exactly W keys in both.
+        assert_eq!(or[6].iter().filter(|v| v.is_finite()).count(), 2);
+        assert_eq!(and[6].iter().filter(|v| v.is_finite()).count(), 2);
     }
 }

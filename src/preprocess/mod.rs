@@ -1,9 +1,11 @@
 //! Media preprocessing as the Gemma 4 reference processors do it (transformers 5.24.0):
 //! [`image`] (RGB, aspect-preserving PIL-bicubic resize to a soft-token budget, patchify),
-//! [`mel`] (log-mel features + validity mask, 30 s clips), [`wav`] (decode + mono + 16 kHz).
+//! [`mel`] (log-mel features + validity mask, 30 s clips), [`wav`] (decode + mono + 16 kHz),
+//! [`unified`] (the encoder-free 12B: torchvision resize, merged 48x48 patches, waveform frames).
 
 pub mod image;
 pub mod mel;
+pub mod unified;
 pub mod wav;
 
 /// Errors while decoding or preprocessing media.
