@@ -1,28 +1,35 @@
 #![allow(clippy::unwrap_used)]
-//! Golden parity with the Python reference (transformers 5.24.0, eager, f32 compute).
+//! Golden parity with the Python reference (transformers 5.24.0, eager).
 //!
 //! Fixture: `tests/fixtures/gemma4/` (made by the parity helper): a tiny
 //! `Gemma4ForConditionalGeneration` saved with `save_pretrained` (bf16 on disk,
 //! `per_layer_config` form, K=V on full layers, KV sharing, double-wide MLP, PLE, window 8),
 //! all-position logits and 12 greedy tokens per case. Image/audio cases feed the reference's
 //! own soft tokens (after the embedders), so this checks placement + decoder exactly.
+//!
+//! The stored logits are the reference run in float64 (`tests/parity/golden_f64.py`): its
+//! float32 run is itself 1.2e-4..2.5e-4 away from them on this random model, so a 1e-4
+//! bound against float32 would measure two roundings. percept loaded in float64 must match
+//! them within 1e-4; in float32 (what runs in production) within the float32 noise floor.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use percept::model::generate::{generate_batch, Request, Sampling};
 use percept::model::multimodal::{embed_prompt, SoftTokens};
 use percept::model::text::{LoadOptions, LogitRows, Segment};
 use percept::model::Gemma4;
 
-/// Max absolute logit difference allowed (logits are soft-capped at 30).
-///
-/// Measured: 5e-6 at position 0 of every case, growing with the attention span to at most
-/// 1.13e-4 (f32 summation order differs from torch's kernels, and Gemma 4's attention with
-/// scaling 1.0 amplifies it). Greedy tokens match exactly in every case, including the
-/// image case whose smallest top-2 logit gap is 2.3e-5.
-const LOGIT_TOL: f32 = 1.5e-4;
+/// Max absolute logit difference allowed for percept in float64 against the reference in
+/// float64 (measured: 1.8e-5..6.4e-5; both keep norms, softmax and RoPE in float32).
+const LOGIT_TOL_F64: f32 = 1e-4;
+
+/// The same for percept in float32 (logits are soft-capped at 30). Measured 1.1e-4..2.9e-4,
+/// the distance of the reference's own float32 run (1.2e-4..2.5e-4): it grows with the
+/// attention span, as attention with scaling 1.0 amplifies rounding. Against the reference
+/// in float32, percept's float32 logits were within 1.13e-4.
+const LOGIT_TOL_F32: f32 = 4e-4;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4")
@@ -35,8 +42,16 @@ struct Fixture {
 }
 
 fn open() -> Fixture {
+    open_as(DType::F32)
+}
+
+fn open_as(dtype: DType) -> Fixture {
     let dir = fixture();
-    let model = Gemma4::load_dir(&dir.join("model"), &LoadOptions::default()).unwrap();
+    let opts = LoadOptions {
+        dtype,
+        ..LoadOptions::default()
+    };
+    let model = Gemma4::load_dir(&dir.join("model"), &opts).unwrap();
     let expected =
         candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
     let cases: serde_json::Value =
@@ -142,7 +157,12 @@ fn check_case(f: &Fixture, name: &str) {
                 eprintln!("  pos {p}: diff {dp:.2e} max|logit| {mx:.2}");
             }
         }
-        assert!(d < LOGIT_TOL, "{name} row {row}: logits differ by {d}");
+        let tol = if m.text.dtype() == DType::F64 {
+            LOGIT_TOL_F64
+        } else {
+            LOGIT_TOL_F32
+        };
+        assert!(d < tol, "{name} row {row}: logits differ by {d}");
         let want_gen: Vec<u32> = f.expected[gen_name]
             .get(row)
             .unwrap()
@@ -199,6 +219,14 @@ fn parity_audio_soft_tokens() {
 #[test]
 fn parity_image_and_audio_soft_tokens() {
     check_case(&open(), "image_audio");
+}
+
+#[test]
+fn parity_in_float64_within_1e4_for_every_case() {
+    let f = open_as(DType::F64);
+    for name in ["text", "long", "batch2", "image", "audio", "image_audio"] {
+        check_case(&f, name);
+    }
 }
 
 #[test]

@@ -55,6 +55,15 @@ impl Quant {
         }
     }
 
+    /// Dtype dense weights are stored in when activations run in `activations`: "f32"
+    /// means full precision, so an f64 model (reference-precision checks) keeps f64.
+    pub fn dense_dtype_for(self, activations: DType) -> DType {
+        match (self, activations) {
+            (Quant::F32, DType::F64) => DType::F64,
+            _ => self.dense_dtype(),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Quant::F32 => "f32",
@@ -132,7 +141,7 @@ impl Linear {
         quant: Quant,
     ) -> Result<Self, LoadError> {
         let full = format!("{name}.weight");
-        let t = w.get_dtype(&full, &[out_dim, in_dim], quant.dense_dtype())?;
+        let t = w.get_dtype(&full, &[out_dim, in_dim], quant.dense_dtype_for(w.dtype()))?;
         Self::from_tensor(t, quant).map_err(|e| LoadError::candle(format!("quantizing {full}"), e))
     }
 
@@ -147,7 +156,7 @@ impl Linear {
                 QMatMul::QTensor(std::sync::Arc::new(q))
             }
             // Rows that do not fill whole blocks stay dense (tiny test shapes).
-            _ => QMatMul::Tensor(weight.to_dtype(quant.dense_dtype())?),
+            _ => QMatMul::Tensor(weight.to_dtype(quant.dense_dtype_for(weight.dtype()))?),
         };
         Ok(Self {
             inner,
