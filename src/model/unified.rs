@@ -20,6 +20,15 @@ use super::loader::{LoadError, Weights};
 use super::ModelError;
 use crate::preprocess::unified::PatchInput;
 
+/// The embedders run in f32, or in f64 when the whole model does (reference-precision checks).
+fn compute_dtype(w: &Weights) -> DType {
+    if w.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// torch `nn.LayerNorm` default eps.
 const LAYER_NORM_EPS: f64 = 1e-5;
 
@@ -33,8 +42,8 @@ struct LayerNorm {
 impl LayerNorm {
     fn load(w: &Weights, name: &str, dim: usize) -> Result<Self, LoadError> {
         Ok(Self {
-            weight: w.get_dtype(&format!("{name}.weight"), &[dim], DType::F32)?,
-            bias: w.get_dtype(&format!("{name}.bias"), &[dim], DType::F32)?,
+            weight: w.get_dtype(&format!("{name}.weight"), &[dim], compute_dtype(w))?,
+            bias: w.get_dtype(&format!("{name}.bias"), &[dim], compute_dtype(w))?,
         })
     }
 
@@ -121,12 +130,12 @@ impl VisionEmbedder {
         Ok(Self {
             patch_ln1: LayerNorm::load(&pe, "patch_ln1", pd)?,
             patch_dense: Linear::load(&pe, "patch_dense", d, pd, Quant::F32)?,
-            patch_dense_bias: pe.get_dtype("patch_dense.bias", &[d], DType::F32)?,
+            patch_dense_bias: pe.get_dtype("patch_dense.bias", &[d], compute_dtype(&pe))?,
             patch_ln2: LayerNorm::load(&pe, "patch_ln2", d)?,
             pos_embedding: pe.get_dtype(
                 "pos_embedding",
                 &[cfg.mm_posemb_size, 2, d],
-                DType::F32,
+                compute_dtype(&pe),
             )?,
             pos_norm: LayerNorm::load(&pe, "pos_norm", d)?,
             embedder: MultimodalEmbedder::load(
@@ -158,7 +167,7 @@ impl VisionEmbedder {
         }
         let x = self
             .patch_ln1
-            .forward(&pixel_values.to_dtype(DType::F32)?)?;
+            .forward(&pixel_values.to_dtype(self.patch_dense_bias.dtype())?)?;
         let x = self
             .patch_dense
             .forward(&x)?
@@ -220,6 +229,7 @@ impl VisionEmbedder {
 pub struct AudioEmbedder {
     embedder: MultimodalEmbedder,
     samples_per_token: usize,
+    dtype: DType,
 }
 
 impl AudioEmbedder {
@@ -237,6 +247,7 @@ impl AudioEmbedder {
                 cfg.rms_norm_eps,
             )?,
             samples_per_token: cfg.samples_per_token(),
+            dtype: compute_dtype(w),
         })
     }
 
@@ -246,7 +257,7 @@ impl AudioEmbedder {
 
     /// `[n, samples_per_token]` frames -> `[n, text_hidden]`.
     pub fn forward(&self, frames: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.embedder.forward(&frames.to_dtype(DType::F32)?)?)
+        Ok(self.embedder.forward(&frames.to_dtype(self.dtype)?)?)
     }
 
     /// Soft tokens of one audio item (16 kHz mono samples), one per 640-sample frame.
