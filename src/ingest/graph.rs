@@ -150,10 +150,12 @@ impl Sampler {
 /// Decides whether delta frames can be dropped before the decoder: only when keyframes come
 /// at least as often as the target rate, which is checked on the stream itself.
 ///
-/// Until the second keyframe settles it, the delta frames after the first keyframe are held
-/// back (compressed, at most one target interval of them) instead of decoded: a short GOP
-/// then costs no decoding at all, and a long one gets them released in order, before
-/// anything later, so nothing is lost either way.
+/// Delta frames are never dropped before the next keyframe proves them unneeded: until
+/// then they are held back (compressed, at most one target interval of them). A keyframe
+/// in time discards them undecoded; a delta frame past the interval (the GOP is, or has
+/// become, too long) releases them to the decoder in order, and decoding stays full from
+/// there on. So nothing the sampler needs is ever lost, and a short GOP costs no delta
+/// decoding at all, not even for the first one.
 #[derive(Debug)]
 pub struct KeyframeGate {
     allowed: bool,
@@ -167,7 +169,6 @@ pub struct KeyframeGate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GateAction {
     Pass,
-    Drop,
     /// Keep it aside until the decode mode is known.
     Hold,
     /// Push what is held, in order, then this buffer: full decode.
@@ -194,14 +195,15 @@ impl KeyframeGate {
         self.key_only
     }
 
-    /// Between the first keyframe and the decision.
-    fn undecided(&self) -> bool {
-        self.allowed && self.last_key.is_some() && !self.key_only && !self.fell_back
+    /// Delta frames are held (rather than passed) from the first keyframe until the gate
+    /// falls back to full decoding.
+    fn holding(&self) -> bool {
+        self.allowed && self.last_key.is_some() && !self.fell_back
     }
 
     /// Give up on keyframe-only decoding for good (also when too much would be held).
     pub fn fall_back(&mut self) -> GateAction {
-        let was_holding = self.undecided();
+        let was_holding = self.holding();
         self.key_only = false;
         self.fell_back = true;
         if was_holding {
@@ -217,10 +219,7 @@ impl KeyframeGate {
             return GateAction::Pass;
         }
         if delta {
-            if self.key_only {
-                return GateAction::Drop;
-            }
-            if !self.undecided() {
+            if !self.holding() {
                 return GateAction::Pass;
             }
             return match (t, self.last_key) {
@@ -238,7 +237,7 @@ impl KeyframeGate {
                 // can make a single short interval look like a fast GOP. Switching back at a
                 // keyframe keeps every later delta frame decodable.
                 action = self.fall_back();
-            } else if gap > 0.0 && self.undecided() {
+            } else if gap > 0.0 && self.holding() {
                 self.key_only = true;
                 action = GateAction::DiscardHeld;
             }
@@ -642,7 +641,6 @@ fn add_keyframe_gate(pad: &gst::Pad, session: &Arc<Session>) {
         session.feed.touch();
         match action {
             GateAction::Pass => gst::PadProbeReturn::Ok,
-            GateAction::Drop => drop_buffer(info),
             GateAction::Hold => {
                 if let Some(buffer) = info.take_buffer() {
                     let mut h = lock(&on_buffers);
@@ -667,12 +665,22 @@ fn add_keyframe_gate(pad: &gst::Pad, session: &Arc<Session>) {
             return gst::PadProbeReturn::Ok;
         };
         match event.type_() {
-            // The stream ended before the gate could decide: what is held is all there is.
+            // The stream ended with frames held: keyframe-only decoding drops them (nothing
+            // after the last keyframe is due before the next sample); undecided, they are
+            // all there is, so they are decoded.
             gst::EventType::Eos if !lock(&held).buffers.is_empty() => {
-                if let Some(session) = weak.upgrade() {
-                    lock(&session.gate).fall_back();
+                let key_only = weak.upgrade().is_some_and(|s| {
+                    let mut gate = lock(&s.gate);
+                    gate.key_only() || {
+                        gate.fall_back();
+                        false
+                    }
+                });
+                if key_only {
+                    *lock(&held) = Held::default();
+                } else {
+                    release(pad, &held);
                 }
-                release(pad, &held);
             }
             gst::EventType::FlushStop => *lock(&held) = Held::default(),
             _ => {}
@@ -905,7 +913,6 @@ mod tests {
         for (i, &(t, delta)) in frames.iter().enumerate() {
             match g.action(Some(t), delta) {
                 GateAction::Pass => out.push(i),
-                GateAction::Drop => {}
                 GateAction::Hold => held.push(i),
                 GateAction::Release => {
                     out.append(&mut held);
@@ -917,7 +924,10 @@ mod tests {
                 }
             }
         }
-        out.append(&mut held);
+        // At the end, as the EOS probe does: dropped when keyframe-only, else decoded.
+        if !g.key_only() {
+            out.append(&mut held);
+        }
         out
     }
 
@@ -950,6 +960,20 @@ mod tests {
         let mut g = KeyframeGate::new(true, 1.0);
         let short = gop_stream(1, 30, 30);
         assert_eq!(decoded(&mut g, &short), (0..30).collect::<Vec<_>>());
+        // A GOP that lengthens after keyframe-only decoding began: its held frames are
+        // released (none lost), then everything is decoded.
+        let stream: Vec<(f64, bool)> = (0..300)
+            .map(|i| {
+                let key = if i < 150 { i % 30 == 0 } else { i % 60 == 30 };
+                (f64::from(i) / 30.0, !key)
+            })
+            .collect();
+        let mut g = KeyframeGate::new(true, 1.0);
+        let out = decoded(&mut g, &stream);
+        assert!(!g.key_only());
+        let mut want: Vec<usize> = (0..5).map(|s| s * 30).collect();
+        want.extend(150..300);
+        assert_eq!(out, want);
         // Disabled by config.
         let mut g = KeyframeGate::new(false, 1.0);
         let stream = gop_stream(10, 30, 30);
