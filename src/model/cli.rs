@@ -90,19 +90,91 @@ pub fn run(cmd: ModelCmd, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result<
     }
 }
 
-/// The device this build targets and its activation dtype: the first CUDA/Metal device with
-/// bf16 activations when built with `cuda`/`metal`, else the CPU with f32.
+/// Environment variable that picks the model's device: `cpu`, `cuda`, `cuda:N`, `metal` or
+/// `metal:N`.
+pub const DEVICE_ENV: &str = "PERCEPT_DEVICE";
+
+/// The device `model run` and the engine load the model on, and its activation dtype.
+/// `PERCEPT_DEVICE` chooses; unset, a `cuda` (or `metal`) build takes GPU 0 with bf16
+/// activations and a default build the CPU with f32. A GPU build never falls back to the CPU
+/// on its own: a model meant for a GPU silently running 50x slower would only show up as a
+/// stalled pipeline, so a missing GPU is an error that names `PERCEPT_DEVICE=cpu`.
 pub fn default_device() -> anyhow::Result<(candle_core::Device, candle_core::DType)> {
-    #[cfg(feature = "cuda")]
-    {
-        return Ok((candle_core::Device::new_cuda(0)?, candle_core::DType::BF16));
+    let spec = std::env::var(DEVICE_ENV).ok();
+    device_from(spec.as_deref().filter(|s| !s.trim().is_empty()))
+}
+
+/// [`default_device`] for an explicit `PERCEPT_DEVICE` value (`None` = the build's default).
+pub fn device_from(
+    spec: Option<&str>,
+) -> anyhow::Result<(candle_core::Device, candle_core::DType)> {
+    use candle_core::{DType, Device};
+    let default = if cfg!(feature = "cuda") {
+        "cuda"
+    } else if cfg!(feature = "metal") {
+        "metal"
+    } else {
+        "cpu"
+    };
+    let spec = spec.map(str::trim).unwrap_or(default).to_ascii_lowercase();
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((k, n)) => {
+            let n = n.parse::<usize>().map_err(|_| {
+                anyhow::anyhow!("{DEVICE_ENV}={spec}: '{n}' is not a device number")
+            })?;
+            (k, n)
+        }
+        None => (spec.as_str(), 0),
+    };
+    let gpu_error = |name: &str, e: candle_core::Error| {
+        // With RUST_BACKTRACE set candle appends a backtrace; the CLI reports one line.
+        let e = match e {
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            e => e,
+        };
+        let detail = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        anyhow::anyhow!(
+            "no usable {name} device {ordinal} ({detail}); {DEVICE_ENV}=cpu runs the model on the CPU"
+        )
+    };
+    match kind {
+        "cpu" => Ok((Device::Cpu, DType::F32)),
+        "cuda" => {
+            #[cfg(feature = "cuda")]
+            {
+                Device::new_cuda(ordinal)
+                    .map(|d| (d, DType::BF16))
+                    .map_err(|e| gpu_error("CUDA", e))
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = gpu_error;
+                anyhow::bail!(
+                    "{DEVICE_ENV}={spec}: this percept was built without the `cuda` feature"
+                )
+            }
+        }
+        "metal" => {
+            #[cfg(feature = "metal")]
+            {
+                Device::new_metal(ordinal)
+                    .map(|d| (d, DType::BF16))
+                    .map_err(|e| gpu_error("Metal", e))
+            }
+            #[cfg(not(feature = "metal"))]
+            {
+                let _ = gpu_error;
+                anyhow::bail!(
+                    "{DEVICE_ENV}={spec}: this percept was built without the `metal` feature"
+                )
+            }
+        }
+        _ => anyhow::bail!("{DEVICE_ENV}={spec}: expected cpu, cuda, cuda:N, metal or metal:N"),
     }
-    #[cfg(all(feature = "metal", not(feature = "cuda")))]
-    {
-        return Ok((candle_core::Device::new_metal(0)?, candle_core::DType::BF16));
-    }
-    #[allow(unreachable_code)]
-    Ok((candle_core::Device::Cpu, candle_core::DType::F32))
 }
 
 /// Parameter counts by part, from the safetensors headers. For `gemma4_unified` the
@@ -420,4 +492,30 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_spec_cpu_and_errors() {
+        let (d, t) = device_from(Some(" CPU ")).unwrap();
+        assert!(d.is_cpu());
+        assert_eq!(t, candle_core::DType::F32);
+        let e = device_from(Some("tpu")).unwrap_err().to_string();
+        assert!(e.contains("expected cpu, cuda"), "{e}");
+        let e = device_from(Some("cuda:x")).unwrap_err().to_string();
+        assert!(e.contains("not a device number"), "{e}");
+    }
+
+    #[cfg(not(any(feature = "cuda", feature = "metal")))]
+    #[test]
+    fn cpu_build_defaults_to_cpu_and_names_missing_features() {
+        assert!(device_from(None).unwrap().0.is_cpu());
+        let e = device_from(Some("cuda:1")).unwrap_err().to_string();
+        assert!(e.contains("without the `cuda` feature"), "{e}");
+        let e = device_from(Some("metal")).unwrap_err().to_string();
+        assert!(e.contains("without the `metal` feature"), "{e}");
+    }
 }
