@@ -755,6 +755,13 @@ impl Config {
             "[captions] overlap_seconds must be >= 0 and under half of max_window_seconds".into(),
         );
         check(
+            c.summary_window_seconds > 0.0,
+            format!(
+                "[captions] summary_window_seconds must be > 0, got {}",
+                c.summary_window_seconds
+            ),
+        );
+        check(
             self.mqtt.qos <= 1,
             format!("[mqtt] qos must be 0 or 1, got {}", self.mqtt.qos),
         );

@@ -104,6 +104,13 @@ fn keep_f16_in_model_config() {
         KeepF16::None
     );
     assert!(percept::config::Config::parse("[model]\nkeep_f16 = \"everything\"\n").is_err());
+    let bad = percept::config::Config::parse("[captions]\nsummary_window_seconds = 0.0\n")
+        .unwrap()
+        .validate();
+    assert!(
+        bad.iter().any(|e| e.contains("summary_window_seconds")),
+        "{bad:?}"
+    );
 }
 
 fn row<'a>(rows: &'a [StudyRow], quant: &str, keep: &str, prompt: &str) -> &'a StudyRow {
