@@ -191,8 +191,11 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
             + counts.token_embeddings
             + tied_head
             + counts.per_layer_embeddings;
-        // The unified model's embedders always load in f32 (`model::unified`).
-        let tower_b = if q == Quant::F32 || cfg.arch == Arch::Gemma4Unified {
+        // The unified model's embedders are mostly its two projections, which take the
+        // quant (`--keep-f16 projections` keeps them at f16).
+        let tower_b = if cfg.arch == Arch::Gemma4Unified {
+            bpw
+        } else if q == Quant::F32 {
             4.0
         } else {
             2.0
