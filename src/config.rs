@@ -176,6 +176,9 @@ pub struct ModelConfig {
     pub enabled: bool,
     /// f32 | f16 | bf16 | q8_0 | q4k
     pub quant: String,
+    /// none | projections: keep the image/audio projections and the token table (tied
+    /// lm_head) at f16 while the decoder linears take `quant` (`--keep-f16`).
+    pub keep_f16: crate::model::layers::KeepF16,
     /// Token budget per answer.
     pub max_tokens: usize,
     /// Longest prompt + answer per request, in tokens.
@@ -194,6 +197,7 @@ impl Default for ModelConfig {
             id: "google/gemma-4-E2B-it".into(),
             enabled: true,
             quant: "q8_0".into(),
+            keep_f16: crate::model::layers::KeepF16::None,
             max_tokens: 96,
             context: 4096,
             prefill_chunk: 512,
@@ -305,6 +309,9 @@ pub struct CaptionConfig {
     pub pause_seconds: f64,
     /// While speech goes on, a partial caption at least this often.
     pub partial_every_seconds: f64,
+    /// Recordings (`percept analyze`): the longest window of the running summary, media
+    /// seconds (windows are also cut to fit `[model] context`).
+    pub summary_window_seconds: f64,
 }
 
 impl Default for CaptionConfig {
@@ -315,6 +322,7 @@ impl Default for CaptionConfig {
             overlap_seconds: 2.0,
             pause_seconds: 0.6,
             partial_every_seconds: 2.0,
+            summary_window_seconds: 120.0,
         }
     }
 }
@@ -745,6 +753,13 @@ impl Config {
         check(
             c.overlap_seconds >= 0.0 && c.overlap_seconds < c.max_window_seconds / 2.0,
             "[captions] overlap_seconds must be >= 0 and under half of max_window_seconds".into(),
+        );
+        check(
+            c.summary_window_seconds > 0.0,
+            format!(
+                "[captions] summary_window_seconds must be > 0, got {}",
+                c.summary_window_seconds
+            ),
         );
         check(
             self.mqtt.qos <= 1,

@@ -88,6 +88,7 @@ impl Engine {
             device,
             dtype,
             quant,
+            keep_f16: self.cfg.keep_f16,
             max_context: self.cfg.context,
         };
         let m = Gemma4::load(&self.cfg.id, &opts).map_err(|e| e.to_string())?;

@@ -102,6 +102,9 @@ enum BenchCmd {
     Model(percept::model::bench::BenchArgs),
     /// The live pipeline with a random-weight model at the real shape, for 1, 2, 4 sources.
     Pipeline(percept::pipeline_bench::PipelineBenchArgs),
+    /// Cost of q8_0/q4k against f32: top-1 agreement and KL per modality (text, image,
+    /// audio), on checkpoints and on random weights at the real 12B widths.
+    Quant(percept::model::quant_study::QuantArgs),
 }
 
 #[derive(Subcommand)]
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
         Command::Model(m) => report(percept::model::cli::run(m, None)),
         Command::Bench(BenchCmd::Model(b)) => report(percept::model::bench::run(&b)),
         Command::Bench(BenchCmd::Pipeline(b)) => report(percept::pipeline_bench::run(&b)),
+        Command::Bench(BenchCmd::Quant(b)) => report(percept::model::quant_study::run(&b)),
         Command::Testsrc { command } => match command {
             TestsrcCommand::Rtsp {
                 port,

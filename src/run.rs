@@ -619,6 +619,7 @@ pub fn run_with(
         alerts: cfg.alerts.clone(),
         scene_threshold: cfg.analysis.scene_threshold,
         max_tokens: cfg.model.max_tokens,
+        context: cfg.model.context,
         live_board: live.clone(),
         webhooks,
         caption_dir: (!cfg.captions.dir.is_empty()).then(|| PathBuf::from(&cfg.captions.dir)),

@@ -88,6 +88,17 @@ fn silu(x: &Tensor) -> CResult<Tensor> {
 impl AudioTower {
     /// Loads `model.audio_tower.*` and `model.embed_audio.*` from a checkpoint-rooted `w`.
     pub fn load(w: &Weights, cfg: &AudioConfig, text_hidden: usize) -> Result<Self, LoadError> {
+        Self::load_with(w, cfg, text_hidden, Quant::F32)
+    }
+
+    /// Loads with `embed_audio.embedding_projection` stored as `proj`; the tower itself
+    /// stays f32.
+    pub fn load_with(
+        w: &Weights,
+        cfg: &AudioConfig,
+        text_hidden: usize,
+        proj: Quant,
+    ) -> Result<Self, LoadError> {
         let at = w.pp("model.audio_tower");
         let hd = cfg.hidden_size;
         let q = Quant::F32;
@@ -172,7 +183,7 @@ impl AudioTower {
         let out_w = Linear::load(&at, "output_proj", od, hd, q)?;
         let out_b = at.get_dtype("output_proj.bias", &[od], DType::F32)?;
         let ea = w.pp("model.embed_audio");
-        let embed_proj = Linear::load(&ea, "embedding_projection", text_hidden, od, q)?;
+        let embed_proj = Linear::load(&ea, "embedding_projection", text_hidden, od, proj)?;
         let pos_emb = rel_pos_table(cfg, w.device())
             .map_err(|e| LoadError::candle("audio relative positions", e))?;
         Ok(Self {
@@ -195,6 +206,11 @@ impl AudioTower {
 
     fn device(&self) -> &Device {
         self.out_b.device()
+    }
+
+    /// Storage of `embed_audio.embedding_projection`.
+    pub fn projection_storage(&self) -> &'static str {
+        self.embed_proj.storage()
     }
 
     /// Encodes one clip's features to soft tokens `[n_valid_tokens, text_hidden]`.

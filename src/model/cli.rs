@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use super::config::{Arch, Gemma4Config, KvSource};
 use super::generate::{Request, Sampling};
-use super::layers::Quant;
+use super::layers::{KeepF16, Quant};
 use super::loader::{ModelFiles, Weights};
 use super::multimodal::{MediaEncoder, SoftTokens};
 use super::text::LoadOptions;
@@ -56,6 +56,10 @@ pub struct RunArgs {
     pub max_tokens: usize,
     #[arg(long, value_enum, default_value_t = Quant::F32)]
     pub quant: Quant,
+    /// Keep parts at f16 although `--quant` is q8_0/q4k: `projections` = the image/audio
+    /// projections into the decoder and the token table (tied lm_head).
+    #[arg(long, value_enum, default_value_t = KeepF16::None)]
+    pub keep_f16: KeepF16,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
@@ -259,8 +263,11 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
             + counts.token_embeddings
             + tied_head
             + counts.per_layer_embeddings;
-        // The unified model's embedders always load in f32 (`model::unified`).
-        let tower_b = if q == Quant::F32 || cfg.arch == Arch::Gemma4Unified {
+        // The unified model's embedders are mostly its two projections, which take the
+        // quant (`--keep-f16 projections` keeps them at f16).
+        let tower_b = if cfg.arch == Arch::Gemma4Unified {
+            bpw
+        } else if q == Quant::F32 {
             4.0
         } else {
             2.0
@@ -375,6 +382,7 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
         device,
         dtype,
         quant: a.quant,
+        keep_f16: a.keep_f16,
         max_context: a.max_context,
     };
     let model = Gemma4::load(&a.model, &opts)?;
@@ -470,6 +478,7 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
             "text": text,
             "stop": g.stop,
             "quant": a.quant.as_str(),
+            "keep_f16": a.keep_f16.as_str(),
             "timings": {
                 "load_s": load_s,
                 "encode_s": encode_s,

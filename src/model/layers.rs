@@ -75,6 +75,49 @@ impl Quant {
     }
 }
 
+/// Parts kept at higher precision than `--quant` (`--keep-f16`, `[model] keep_f16`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepF16 {
+    /// Everything big takes the quant: decoder linears, the token table (tied lm_head) and
+    /// the image/audio projections into the decoder.
+    #[default]
+    None,
+    /// The image/audio projections into the decoder (`embed_vision`, `embed_audio`, and the
+    /// 12B's patch embedding `patch_dense`) and the token table with its tied lm_head stay at
+    /// f16 (f32 when `--quant` is f32); decoder linears and the E2B/E4B per-layer table are
+    /// still quantized.
+    Projections,
+}
+
+impl KeepF16 {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeepF16::None => "none",
+            KeepF16::Projections => "projections",
+        }
+    }
+
+    /// Storage of the projections and the token table under `quant`.
+    pub fn projection_quant(self, quant: Quant) -> Quant {
+        match (self, quant) {
+            // Block types become f16; dense types are already at least f16.
+            (KeepF16::Projections, Quant::Q8_0 | Quant::Q4K) => Quant::F16,
+            _ => quant,
+        }
+    }
+}
+
 /// `Gemma4RMSNorm`: `x * (mean(x^2) + eps)^-0.5 * w`, in f32, cast back to the input dtype.
 /// `with_scale = false` (v-norm, multimodal pre-projection norm) has no weight.
 #[derive(Debug, Clone)]
@@ -183,6 +226,14 @@ impl Linear {
         self.in_dim
     }
 
+    /// How the weight is stored: `f32`, `f16`, `bf16`, `q8_0`, `q4k`.
+    pub fn storage(&self) -> &'static str {
+        match &self.inner {
+            QMatMul::QTensor(q) => ggml_name(q.dtype()),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dtype().as_str(),
+        }
+    }
+
     /// Bytes held by the weight.
     pub fn size_in_bytes(&self) -> usize {
         match &self.inner {
@@ -225,6 +276,16 @@ impl Module for Linear {
         } else {
             y.to_dtype(in_dtype)
         }
+    }
+}
+
+fn ggml_name(g: GgmlDType) -> &'static str {
+    match g {
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q4K => "q4k",
+        GgmlDType::F16 => "f16",
+        GgmlDType::F32 => "f32",
+        _ => "quantized",
     }
 }
 
@@ -348,6 +409,18 @@ impl Embedding {
             Embedding::Dense(t) => t.dims()[0],
             Embedding::Quantized(q) => q.shape().dims()[0],
             Embedding::Chunked { rows, .. } => *rows,
+        }
+    }
+
+    /// How the table is stored: `f32`, `f16`, `bf16`, `q8_0`, `q4k`.
+    pub fn storage(&self) -> &'static str {
+        match self {
+            Embedding::Dense(t) => t.dtype().as_str(),
+            Embedding::Quantized(q) => ggml_name(q.dtype()),
+            Embedding::Chunked { chunks, .. } => chunks
+                .first()
+                .map(|c| ggml_name(c.dtype()))
+                .unwrap_or("empty"),
         }
     }
 

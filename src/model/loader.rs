@@ -334,6 +334,18 @@ fn random_data(seed: u64, n: usize, a: f64, center: f32) -> Vec<f32> {
     (0..n).map(|_| center + rng.uniform(a)).collect()
 }
 
+/// Rows `start..start+n` of a random `[_, dim]` matrix: each row seeded on its own, uniform
+/// in `[-dim^-0.5, dim^-0.5]`.
+fn random_rows(seed: u64, start: usize, n: usize, dim: usize) -> Vec<f32> {
+    let a = (dim.max(1) as f64).powf(-0.5);
+    let mut out = Vec::with_capacity(n * dim);
+    for r in start..start + n {
+        let row_seed = seed ^ (r as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        out.extend(random_data(row_seed, dim, a, 0.0));
+    }
+    out
+}
+
 fn name_hash(s: &str) -> u64 {
     // FNV-1a: stable across runs (std's hasher is randomly keyed).
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -486,6 +498,9 @@ impl Weights {
                 let data = match shape {
                     // Norm weights and scalars: near 1.
                     [_] => random_data(seed ^ name_hash(&full), n, 0.1, 1.0),
+                    // Matrices row by row, so `get_rows_f32` (quantized tables) reads the
+                    // very rows a dense load gets.
+                    [rows, dim] => random_rows(seed ^ name_hash(&full), 0, *rows, *dim),
                     _ => {
                         let fan_in = *shape.last().unwrap_or(&1) as f64;
                         random_data(seed ^ name_hash(&full), n, fan_in.powf(-0.5), 0.0)
@@ -524,7 +539,7 @@ impl Weights {
     ) -> Result<Tensor, LoadError> {
         let full = self.full(name);
         if let Backend::Random(seed) = self.backend {
-            let data = random_data(seed ^ name_hash(&full) ^ start as u64, n * dim, 0.5, 0.0);
+            let data = random_rows(seed ^ name_hash(&full), start, n, dim);
             return Tensor::from_vec(data, (n, dim), &self.device)
                 .map_err(|e| LoadError::candle(format!("loading {full}"), e));
         }

@@ -57,7 +57,12 @@ impl TowerEncoder {
             let cfg = m.config.unified_vision.as_ref().ok_or_else(|| {
                 ModelError::Request("this checkpoint has no vision_config".into())
             })?;
-            let e = VisionEmbedder::load(&m.weights, cfg, m.config.text_config.hidden_size)?;
+            let e = VisionEmbedder::load_with(
+                &m.weights,
+                cfg,
+                m.config.text_config.hidden_size,
+                m.opts.projection_quant(),
+            )?;
             let _ = self.unified_vision.set(e);
         }
         self.unified_vision
@@ -71,7 +76,12 @@ impl TowerEncoder {
                 m.config.unified_audio.as_ref().ok_or_else(|| {
                     ModelError::Request("this checkpoint has no audio_config".into())
                 })?;
-            let e = AudioEmbedder::load(&m.weights, cfg, m.config.text_config.hidden_size)?;
+            let e = AudioEmbedder::load_with(
+                &m.weights,
+                cfg,
+                m.config.text_config.hidden_size,
+                m.opts.projection_quant(),
+            )?;
             let _ = self.unified_audio.set(e);
         }
         self.unified_audio
@@ -85,7 +95,12 @@ impl TowerEncoder {
                 m.config.vision_config.as_ref().ok_or_else(|| {
                     ModelError::Request("this checkpoint has no vision tower".into())
                 })?;
-            let t = VisionTower::load(&m.weights, cfg, m.config.text_config.hidden_size)?;
+            let t = VisionTower::load_with(
+                &m.weights,
+                cfg,
+                m.config.text_config.hidden_size,
+                m.opts.projection_quant(),
+            )?;
             let _ = self.vision.set(t);
         }
         self.vision
@@ -99,7 +114,12 @@ impl TowerEncoder {
                 m.config.audio_config.as_ref().ok_or_else(|| {
                     ModelError::Request("this checkpoint has no audio tower".into())
                 })?;
-            let t = AudioTower::load(&m.weights, cfg, m.config.text_config.hidden_size)?;
+            let t = AudioTower::load_with(
+                &m.weights,
+                cfg,
+                m.config.text_config.hidden_size,
+                m.opts.projection_quant(),
+            )?;
             let _ = self.audio.set(t);
         }
         self.audio
@@ -109,6 +129,27 @@ impl TowerEncoder {
 }
 
 impl TowerEncoder {
+    /// Storage of the projections into the decoder of the parts loaded so far
+    /// (`f32`, `f16`, `q8_0`, `q4k`), by tensor name.
+    pub fn projection_storage(&self) -> Vec<(&'static str, &'static str)> {
+        let mut out = Vec::new();
+        if let Some(v) = self.unified_vision.get() {
+            let (patch, proj) = v.projection_storage();
+            out.push(("vision_embedder.patch_dense", patch));
+            out.push(("embed_vision.embedding_projection", proj));
+        }
+        if let Some(a) = self.unified_audio.get() {
+            out.push(("embed_audio.embedding_projection", a.projection_storage()));
+        }
+        if let Some(v) = self.vision.get() {
+            out.push(("embed_vision.embedding_projection", v.projection_storage()));
+        }
+        if let Some(a) = self.audio.get() {
+            out.push(("embed_audio.embedding_projection", a.projection_storage()));
+        }
+        out
+    }
+
     /// Soft tokens of an in-memory RGB frame at `budget` (70..1120).
     pub fn encode_rgb(
         &self,

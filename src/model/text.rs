@@ -18,7 +18,9 @@
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
 
 use super::config::{KvSource, LayerSpec, LayerType, TextConfig};
-use super::layers::{gelu_tanh, round_through, softcap, Embedding, Linear, Quant, RmsNorm};
+use super::layers::{
+    gelu_tanh, round_through, softcap, Embedding, KeepF16, Linear, Quant, RmsNorm,
+};
 use super::loader::{LoadError, Weights};
 
 /// Prefix of the decoder tensors in the official checkpoints.
@@ -32,9 +34,18 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Storage of decoder linears, the token table and the PLE table.
     pub quant: Quant,
+    /// Parts kept at f16 although `quant` is a block type (token table, media projections).
+    pub keep_f16: KeepF16,
     /// Largest number of positions one sequence may reach (prompt + generated); full-layer
     /// caches grow up to this, never beyond.
     pub max_context: usize,
+}
+
+impl LoadOptions {
+    /// Storage of the token table (and its tied lm_head) and of the image/audio projections.
+    pub fn projection_quant(&self) -> Quant {
+        self.keep_f16.projection_quant(self.quant)
+    }
 }
 
 impl Default for LoadOptions {
@@ -43,6 +54,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             quant: Quant::F32,
+            keep_f16: KeepF16::None,
             max_context: 8192,
         }
     }
@@ -303,8 +315,17 @@ impl TextModel {
             Quant::F32 | Quant::Q8_0 | Quant::Q4K => opts.dtype,
             _ => q.dense_dtype(),
         };
-        let embed =
-            Embedding::load_single(&root, "embed_tokens.weight", cfg.vocab_size, h, q, dense_dt)?;
+        // `--keep-f16 projections` keeps the table (and so the tied head) dense.
+        let tq = opts.projection_quant();
+        let table_store = if tq == q { dense_dt } else { tq.dense_dtype() };
+        let embed = Embedding::load_single(
+            &root,
+            "embed_tokens.weight",
+            cfg.vocab_size,
+            h,
+            tq,
+            table_store,
+        )?;
         // The reference multiplies by a scale buffer cast to the weight dtype.
         let table_dt = root
             .shape_of("embed_tokens.weight")
@@ -315,7 +336,7 @@ impl TextModel {
             .map_err(|e| LoadError::candle("embed scale", e))?;
         // Tied head: the same storage serves lookups and the output projection.
         let lm_head = match &embed {
-            Embedding::Dense(t) => Linear::from_tensor(t.clone(), q),
+            Embedding::Dense(t) => Linear::from_tensor(t.clone(), tq),
             Embedding::Quantized(qt) => Linear::from_qtensor(qt.clone()),
             Embedding::Chunked { .. } => Err(candle_core::Error::Msg(
                 "token table must be one matrix".into(),
@@ -529,6 +550,16 @@ impl TextModel {
             })
             .collect();
         SeqCache { layers, pos: 0 }
+    }
+
+    /// Storage of the token table and of the (tied) lm_head: `f32`, `f16`, `q8_0`, `q4k`.
+    pub fn table_storage(&self) -> (&'static str, &'static str) {
+        (self.embed.storage(), self.lm_head.storage())
+    }
+
+    /// Storage of layer `i`'s MLP gate projection (a representative decoder linear).
+    pub fn decoder_linear_storage(&self, i: usize) -> Option<&'static str> {
+        self.layers.get(i).map(|l| l.mlp.gate.storage())
     }
 
     /// Scaled token embeddings `[n, hidden]` (`embed_tokens(ids) * sqrt(hidden)`).

@@ -65,13 +65,14 @@ pub struct MultimodalEmbedder {
 }
 
 impl MultimodalEmbedder {
-    /// Loads `<prefix>.embedding_projection.weight` `[text_hidden, in_dim]`.
+    /// Loads `<prefix>.embedding_projection.weight` `[text_hidden, in_dim]`, stored as `proj`.
     pub fn load(
         w: &Weights,
         prefix: &str,
         in_dim: usize,
         text_hidden: usize,
         eps: f64,
+        proj: Quant,
     ) -> Result<Self, LoadError> {
         Ok(Self {
             norm: RmsNorm::without_scale(eps),
@@ -80,9 +81,14 @@ impl MultimodalEmbedder {
                 "embedding_projection",
                 text_hidden,
                 in_dim,
-                Quant::F32,
+                proj,
             )?,
         })
+    }
+
+    /// Storage of the projection (`f32`, `f16`, `q8_0`, `q4k`).
+    pub fn projection_storage(&self) -> &'static str {
+        self.projection.storage()
     }
 
     /// `[n, in_dim]` f32 -> `[n, text_hidden]`.
@@ -107,11 +113,22 @@ pub struct VisionEmbedder {
 }
 
 impl VisionEmbedder {
-    /// Loads from weights rooted at the checkpoint root.
+    /// Loads from weights rooted at the checkpoint root, everything in f32.
     pub fn load(
         w: &Weights,
         cfg: &UnifiedVisionConfig,
         text_hidden: usize,
+    ) -> Result<Self, LoadError> {
+        Self::load_with(w, cfg, text_hidden, Quant::F32)
+    }
+
+    /// Loads with the two projections (`patch_dense`, `embedding_projection`) stored as
+    /// `proj`; norms and the position table stay f32.
+    pub fn load_with(
+        w: &Weights,
+        cfg: &UnifiedVisionConfig,
+        text_hidden: usize,
+        proj: Quant,
     ) -> Result<Self, LoadError> {
         let pd = cfg.patch_dim();
         let d = cfg.mm_embed_dim;
@@ -129,7 +146,7 @@ impl VisionEmbedder {
         };
         Ok(Self {
             patch_ln1: LayerNorm::load(&pe, "patch_ln1", pd)?,
-            patch_dense: Linear::load(&pe, "patch_dense", d, pd, Quant::F32)?,
+            patch_dense: Linear::load(&pe, "patch_dense", d, pd, proj)?,
             patch_dense_bias: pe.get_dtype("patch_dense.bias", &[d], compute_dtype(&pe))?,
             patch_ln2: LayerNorm::load(&pe, "patch_ln2", d)?,
             pos_embedding: pe.get_dtype(
@@ -144,10 +161,19 @@ impl VisionEmbedder {
                 cfg.output_proj_dims,
                 text_hidden,
                 cfg.rms_norm_eps,
+                proj,
             )?,
             posemb_size: cfg.mm_posemb_size,
             patch_dim: pd,
         })
+    }
+
+    /// Storage of `patch_dense` and of the final projection.
+    pub fn projection_storage(&self) -> (&'static str, &'static str) {
+        (
+            self.patch_dense.storage(),
+            self.embedder.projection_storage(),
+        )
     }
 
     /// Hidden states after `pos_norm` (`[n, mm_embed_dim]`, the reference's
@@ -233,10 +259,21 @@ pub struct AudioEmbedder {
 }
 
 impl AudioEmbedder {
+    /// Loads in f32.
     pub fn load(
         w: &Weights,
         cfg: &UnifiedAudioConfig,
         text_hidden: usize,
+    ) -> Result<Self, LoadError> {
+        Self::load_with(w, cfg, text_hidden, Quant::F32)
+    }
+
+    /// Loads with the projection stored as `proj`.
+    pub fn load_with(
+        w: &Weights,
+        cfg: &UnifiedAudioConfig,
+        text_hidden: usize,
+        proj: Quant,
     ) -> Result<Self, LoadError> {
         Ok(Self {
             embedder: MultimodalEmbedder::load(
@@ -245,10 +282,16 @@ impl AudioEmbedder {
                 cfg.audio_embed_dim,
                 text_hidden,
                 cfg.rms_norm_eps,
+                proj,
             )?,
             samples_per_token: cfg.samples_per_token(),
             dtype: compute_dtype(w),
         })
+    }
+
+    /// Storage of the projection.
+    pub fn projection_storage(&self) -> &'static str {
+        self.embedder.projection_storage()
     }
 
     pub fn samples_per_token(&self) -> usize {

@@ -71,6 +71,17 @@ pub struct VisionTower {
 impl VisionTower {
     /// Loads `model.vision_tower.*` and `model.embed_vision.*` from a checkpoint-rooted `w`.
     pub fn load(w: &Weights, cfg: &VisionConfig, text_hidden: usize) -> Result<Self, LoadError> {
+        Self::load_with(w, cfg, text_hidden, Quant::F32)
+    }
+
+    /// Loads with `embed_vision.embedding_projection` stored as `proj`; the tower itself
+    /// stays f32.
+    pub fn load_with(
+        w: &Weights,
+        cfg: &VisionConfig,
+        text_hidden: usize,
+        proj: Quant,
+    ) -> Result<Self, LoadError> {
         let vt = w.pp("model.vision_tower");
         let hd = cfg.hidden_size;
         let p = cfg.patch_size;
@@ -125,7 +136,7 @@ impl VisionTower {
             None
         };
         let ev = w.pp("model.embed_vision");
-        let embed_proj = Linear::load(&ev, "embedding_projection", text_hidden, hd, q)?;
+        let embed_proj = Linear::load(&ev, "embedding_projection", text_hidden, hd, proj)?;
         let spatial = dh / 2;
         let theta = cfg.rope_theta();
         let inv_freq = (0..spatial)
@@ -158,6 +169,11 @@ impl VisionTower {
         let row = 3 * self.cfg.patch_size * self.cfg.patch_size;
         let pv = Tensor::from_slice(&img.pixel_values, (img.n_patches, row), self.device())?;
         self.forward(&pv, &img.positions)
+    }
+
+    /// Storage of `embed_vision.embedding_projection`.
+    pub fn projection_storage(&self) -> &'static str {
+        self.embed_proj.storage()
     }
 
     /// `pixel_values` `[n_patches, 3*p*p]` in [0, 1] (real patches only), `positions` (x, y)

@@ -8,6 +8,7 @@
 pub mod dispatch;
 pub mod governor;
 pub mod recording;
+pub mod summary;
 pub mod watch;
 pub mod webhook;
 
@@ -99,6 +100,9 @@ pub struct TaskEnv {
     pub alerts: AlertConfig,
     pub scene_threshold: f64,
     pub max_tokens: usize,
+    /// The model's context (prompt + answer), tokens: recordings longer than it are
+    /// summarized in windows (see [`summary`]).
+    pub context: usize,
     pub live_board: Arc<LiveBoard>,
     pub webhooks: Option<webhook::Webhooks>,
     /// Where caption files go for this run (None: no files).
@@ -151,6 +155,11 @@ pub struct SourceTask {
     transcript: Vec<(f64, f64, String)>,
     transcript_files: Option<CaptionFiles>,
     last_state: f64,
+    /// `summarize`: frames kept for the summary, one per `SUMMARY_FRAME_SECONDS`.
+    clip_frames: Vec<Arc<VideoFrame>>,
+    /// `summarize`: summary windows not yet asked for, and how many there are in all.
+    summary_windows: VecDeque<summary::SummaryWindow>,
+    summary_total: usize,
 }
 
 impl SourceTask {
@@ -174,6 +183,9 @@ impl SourceTask {
             transcript: Vec::new(),
             transcript_files: None,
             last_state: f64::NEG_INFINITY,
+            clip_frames: Vec::new(),
+            summary_windows: VecDeque::new(),
+            summary_total: 0,
         }
     }
 
@@ -241,6 +253,17 @@ impl SourceTask {
     pub fn on_frame(&mut self, frame: VideoFrame, motion: f64) -> Option<Job> {
         self.gov.note_input(frame.t);
         let task = self.spec.task;
+        if task == TaskKind::Summarize {
+            // Kept for the windowed summary at the end, not asked about one by one.
+            let due = self
+                .clip_frames
+                .last()
+                .is_none_or(|f| frame.t - f.t >= summary::SUMMARY_FRAME_SECONDS - 1e-6);
+            if due {
+                self.clip_frames.push(Arc::new(frame));
+            }
+            return None;
+        }
         if !task.uses_video() {
             return None;
         }
@@ -392,21 +415,47 @@ impl SourceTask {
         }
     }
 
-    /// A text-only job summarizing the transcript (task `summarize`), if there is one.
-    pub fn summary_job(&self) -> Option<Job> {
-        if self.spec.task != TaskKind::Summarize || self.transcript.is_empty() {
+    /// The first job of the recording's summary (task `summarize`), if there is anything
+    /// to summarize: the clip's frames and transcript cut into windows that fit the context
+    /// (see [`summary`]); the later windows follow one by one from [`SourceTask::on_answer`],
+    /// each carrying the summary so far.
+    pub fn summary_job(&mut self) -> Option<Job> {
+        if self.spec.task != TaskKind::Summarize
+            || (self.transcript.is_empty() && self.clip_frames.is_empty())
+        {
             return None;
         }
-        let lines: Vec<String> = self
-            .transcript
-            .iter()
-            .map(|(t, _, text)| format!("[{}] {text}", mmss(*t)))
-            .collect();
-        let end = self.transcript.last().map(|l| l.1).unwrap_or(0.0);
-        let mut j = self.job(JobClass::Text, 0.0, end, Instant::now());
+        let end = self.transcript.last().map(|l| l.1).unwrap_or(0.0).max(
+            self.clip_frames
+                .last()
+                .map(|f| f.t + summary::SUMMARY_FRAME_SECONDS)
+                .unwrap_or(0.0),
+        );
+        let budget = summary::WindowBudget {
+            context_tokens: self.env.context,
+            answer_tokens: SUMMARY_TOKENS,
+            frame_tokens: VIDEO_FRAME_TOKENS,
+            max_seconds: self.env.captions.summary_window_seconds,
+        };
+        let windows = summary::plan(&self.clip_frames, &self.transcript, end, &budget);
+        // The frames now live in the windows only.
+        self.clip_frames = Vec::new();
+        self.summary_total = windows.len();
+        self.summary_windows = windows.into();
+        self.next_summary_job(None)
+    }
+
+    fn next_summary_job(&mut self, previous: Option<&str>) -> Option<Job> {
+        let w = self.summary_windows.pop_front()?;
+        let n = self.summary_total;
+        let k = n - self.summary_windows.len();
+        let mut j = self.job(JobClass::Text, w.t0, w.t1, Instant::now());
         j.task = TaskKind::Summarize;
-        j.prompt = format!("{}\n\n{}", self.env.prompts.summarize, lines.join("\n"));
+        j.prompt = summary::window_prompt(&self.env.prompts.summarize, k, n, &w, previous);
         j.max_tokens = SUMMARY_TOKENS;
+        j.soft_tokens = VIDEO_FRAME_TOKENS;
+        tracing::info!(source = %self.name, window = k, of = n, t0 = w.t0, t1 = w.t1, frames = w.frames.len(), lines = w.lines.len(), prompt = %j.prompt, "Summary window.");
+        j.video = w.frames;
         Some(j)
     }
 
@@ -502,9 +551,14 @@ impl SourceTask {
                 None
             }
             TaskKind::Transcribe | TaskKind::Summarize if job.class == JobClass::Text => {
-                self.feed
-                    .emit(job.t, Some(job.end), Body::TextSummary { text });
-                None
+                if self.summary_windows.is_empty() {
+                    self.feed
+                        .emit(0.0, Some(job.end), Body::TextSummary { text });
+                    None
+                } else {
+                    tracing::info!(source = %self.name, until = job.end, summary = %text, "Running summary.");
+                    self.next_summary_job(Some(&text))
+                }
             }
             TaskKind::Transcribe | TaskKind::Summarize => {
                 if !text.is_empty() {

@@ -228,3 +228,138 @@ fn bad_paths_and_missing_model_are_one_line_errors() {
         stderr(&out)
     );
 }
+
+/// A clip longer than one summary window (`[captions] summary_window_seconds = 8` on a
+/// 21 s clip with video): the summary is asked for window by window in time order, frames
+/// and speech together, and each window's prompt carries the summary the model wrote after
+/// the previous one; the last answer is the recording's summary.
+#[test]
+fn long_clip_is_summarized_in_windows_with_a_running_summary() {
+    let d = tmpdir("analyze-windows");
+    let speech = recording(&d);
+    let clip = d.join("clip.mp4");
+    run_tool(
+        "ffmpeg",
+        &[
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=96x64:rate=4",
+            "-i",
+            speech.to_str().unwrap(),
+            "-shortest",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            clip.to_str().unwrap(),
+        ],
+    );
+    let cfg = d.join("windows.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nid = \"{}\"\nmax_tokens = 6\n\n[captions]\nsummary_window_seconds = 8.0\n",
+            fixture_model()
+        ),
+    )
+    .unwrap();
+    let out_dir = d.join("out");
+    let out = Command::new(percept_bin())
+        .args([
+            "analyze",
+            clip.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .env("PERCEPT_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    // Each log record starts on a line with a timestamp; prompts span several lines.
+    let mut records: Vec<String> = Vec::new();
+    for line in err.lines() {
+        if line.starts_with("20") || records.is_empty() {
+            records.push(line.to_string());
+        } else if let Some(r) = records.last_mut() {
+            r.push('\n');
+            r.push_str(line);
+        }
+    }
+    let field = |r: &str, k: &str| -> f64 {
+        let s = &r[r.find(&format!(" {k}=")).unwrap() + k.len() + 2..];
+        s.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let windows: Vec<&String> = records
+        .iter()
+        .filter(|r| r.contains("Summary window."))
+        .collect();
+    let running: Vec<&String> = records
+        .iter()
+        .filter(|r| r.contains("Running summary."))
+        .collect();
+    assert!(windows.len() >= 3, "{err}");
+    assert_eq!(running.len(), windows.len() - 1, "{err}");
+    // In order, contiguous, from 0 to the end of the clip, each at most 8 s.
+    let spans: Vec<(f64, f64)> = windows
+        .iter()
+        .map(|r| (field(r, "t0"), field(r, "t1")))
+        .collect();
+    assert_eq!(spans[0].0, 0.0);
+    for (k, w) in windows.iter().enumerate() {
+        assert_eq!(field(w, "window") as usize, k + 1);
+        assert_eq!(field(w, "of") as usize, windows.len());
+    }
+    for p in spans.windows(2) {
+        assert_eq!(p[0].1, p[1].0, "{spans:?}");
+        assert!(p[0].1 - p[0].0 <= 8.0 + 1.0, "{spans:?}");
+    }
+    assert!(spans.last().unwrap().1 >= 19.0, "{spans:?}");
+    // Frames and speech both go in.
+    assert!(windows.iter().all(|w| field(w, "frames") >= 4.0), "{err}");
+    assert!(windows.iter().any(|w| field(w, "lines") >= 1.0), "{err}");
+    // Window k+1's prompt holds the summary written after window k.
+    for (k, r) in running.iter().enumerate() {
+        let summary = &r[r.find(" summary=").unwrap() + 9..];
+        let next = windows[k + 1];
+        let prompt = &next[next.find(" prompt=").unwrap() + 8..];
+        assert!(
+            prompt.contains(&format!(
+                "Summary of the recording up to {}",
+                mmss_short(spans[k + 1].0)
+            )),
+            "{prompt}"
+        );
+        assert!(
+            prompt.contains(summary.trim()),
+            "window {} prompt lacks the summary {summary:?}:\n{prompt}",
+            k + 2
+        );
+    }
+    assert!(!windows[0].contains("Summary of the recording up to"));
+    // The last answer is the summary event.
+    let events = read_events(&out_dir.join("clip/events.jsonl"));
+    let s: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "summary" && e.get("text").is_some())
+        .collect();
+    assert_eq!(s.len(), 1, "{events:?}");
+}
+
+fn mmss_short(t: f64) -> String {
+    let s = t.max(0.0) as u64;
+    format!("{:02}:{:02}", s / 60, s % 60)
+}
