@@ -17,6 +17,7 @@ pub mod layers;
 pub mod loader;
 pub mod media;
 pub mod multimodal;
+pub mod qmm;
 pub mod testing;
 pub mod text;
 pub mod tokenizer;
