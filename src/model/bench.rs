@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// Print JSON lines only.
     #[arg(long)]
     pub json: bool,
+    /// Instead of whole models: time single E4B-shaped quantized matmuls, percept's CPU
+    /// kernel (`qmm`) against candle's `QMatMul`, at 1 and `--prompt` activation rows.
+    #[arg(long)]
+    pub kernels: bool,
     /// Internal: run one (arch, quant) in this process.
     #[arg(long, hide = true)]
     pub child: bool,
@@ -274,8 +278,82 @@ fn media_timings(cfg: &Gemma4Config, w: &Weights) -> anyhow::Result<serde_json::
     })
 }
 
+/// Best-of-`reps` seconds of `f`, after one untimed call (which also lets candle build its
+/// repacked copy).
+fn time_best(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// `--kernels`: one line per (quant, shape, rows) with both implementations.
+fn run_kernels(a: &BenchArgs) -> anyhow::Result<()> {
+    use candle_core::quantized::{QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    let mut rng = SplitMix64(3);
+    let mut random = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect()
+    };
+    // E4B: MLP gate/up, MLP down, q_proj.
+    for (n, k) in [(10240usize, 2560usize), (2560, 10240), (2048, 2560)] {
+        let w = random(n * k);
+        for q in &a.quant {
+            let Some(g) = q.ggml() else { continue };
+            let qt = super::qmm::quantize_par(&w, n, k, g)?;
+            let bytes = qt.storage_size_in_bytes() as f64;
+            let cq = QMatMul::QTensor(std::sync::Arc::new(QTensor::new(
+                candle_core::quantized::QStorage::from_data(qt.data()?, &Device::Cpu, g)?,
+                (n, k),
+            )?));
+            for m in [1, a.prompt] {
+                let x = random(m * k);
+                let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu)?;
+                let mut dst = vec![0f32; m * n];
+                let reps = if m == 1 { 20 } else { 3 };
+                let ours = time_best(reps, || Ok(super::qmm::matmul(&qt, &x, m, &mut dst)?))?;
+                let theirs = time_best(reps, || {
+                    cq.forward(&xt)?;
+                    Ok(())
+                })?;
+                let v = serde_json::json!({
+                    "quant": q.as_str(), "n": n, "k": k, "m": m,
+                    "qmm_ms": ours * 1e3, "candle_ms": theirs * 1e3,
+                    "qmm_weight_gb_s": bytes / ours / 1e9,
+                    "qmm_gflop_s": 2.0 * (m * n * k) as f64 / ours / 1e9,
+                    "candle_gflop_s": 2.0 * (m * n * k) as f64 / theirs / 1e9,
+                });
+                if a.json {
+                    println!("{v}");
+                } else {
+                    println!(
+                        "{:5} [{n:5}x{k:5}] m={m:4}  qmm {:8.2} ms ({:5.1} GB/s of weights, {:6.1} GFLOP/s)  candle {:8.2} ms ({:6.1} GFLOP/s)",
+                        q.as_str(),
+                        ours * 1e3,
+                        bytes / ours / 1e9,
+                        2.0 * (m * n * k) as f64 / ours / 1e9,
+                        theirs * 1e3,
+                        2.0 * (m * n * k) as f64 / theirs / 1e9,
+                    );
+                }
+            }
+        }
+    }
+    println!("read bandwidth {:.1} GB/s", measure_read_bandwidth() / 1e9);
+    Ok(())
+}
+
 /// Entry point of `percept bench model`.
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
+    if a.kernels {
+        return run_kernels(a);
+    }
     if a.child {
         let (Some(arch), Some(q)) = (a.arch.first(), a.quant.first()) else {
             anyhow::bail!("child run needs one arch and one quant");

@@ -18,6 +18,7 @@ pub mod layers;
 pub mod loader;
 pub mod media;
 pub mod multimodal;
+pub mod qmm;
 pub mod quant_study;
 pub mod testing;
 pub mod text;
