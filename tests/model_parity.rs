@@ -12,14 +12,15 @@
 //! bound against float32 would measure two roundings. percept loaded in float64 must match
 //! them within 1e-4; in float32 (what runs in production) within the float32 noise floor.
 
-use std::collections::HashMap;
+mod golden;
+
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
+use golden::{case, ids_of, max_diff, Fixture};
 use percept::model::generate::{generate_batch, Request, Sampling};
 use percept::model::multimodal::{embed_prompt, SoftTokens};
-use percept::model::text::{LoadOptions, LogitRows, Segment};
-use percept::model::Gemma4;
+use percept::model::text::{LogitRows, Segment};
 
 /// Max absolute logit difference allowed for percept in float64 against the reference in
 /// float64 (measured: 1.8e-5..6.4e-5; both keep norms, softmax and RoPE in float32).
@@ -35,58 +36,12 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4")
 }
 
-struct Fixture {
-    model: Gemma4,
-    expected: HashMap<String, Tensor>,
-    cases: serde_json::Value,
-}
-
 fn open() -> Fixture {
     open_as(DType::F32)
 }
 
 fn open_as(dtype: DType) -> Fixture {
-    let dir = fixture();
-    let opts = LoadOptions {
-        dtype,
-        ..LoadOptions::default()
-    };
-    let model = Gemma4::load_dir(&dir.join("model"), &opts).unwrap();
-    let expected =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let cases: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    Fixture {
-        model,
-        expected,
-        cases,
-    }
-}
-
-fn case<'a>(f: &'a Fixture, name: &str) -> &'a serde_json::Value {
-    f.cases["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
-}
-
-fn ids_of(v: &serde_json::Value, row: usize) -> (Vec<u32>, usize) {
-    let ids: Vec<u32> = v["input_ids"][row]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    let mask: Vec<u64> = v["attention_mask"][row]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
-    let pad = mask.iter().take_while(|&&m| m == 0).count();
-    (ids[pad..].to_vec(), pad)
+    Fixture::load(&fixture(), dtype)
 }
 
 fn soft_of(f: &Fixture, c: &serde_json::Value) -> SoftTokens {
@@ -97,17 +52,6 @@ fn soft_of(f: &Fixture, c: &serde_json::Value) -> SoftTokens {
         videos: vec![],
         audios: get("audio_soft_tokens").into_iter().collect(),
     }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn check_case(f: &Fixture, name: &str) {

@@ -13,15 +13,17 @@
 //! 3. end to end from `inputs/image.png` and `inputs/audio.wav` through the Rust
 //!    preprocessing, chat template, tokenizer, embedders, placement and decoder.
 
-use std::collections::HashMap;
+mod golden;
+
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use golden::{case, ids_of, max_diff, Fixture};
 use percept::model::config::{Arch, KvSource};
 use percept::model::generate::{generate_batch, Request, Sampling};
 use percept::model::media::TowerEncoder;
 use percept::model::multimodal::{embed_prompt, MediaEncoder, SoftTokens};
-use percept::model::text::{LoadOptions, LogitRows, Segment, VisionMask};
+use percept::model::text::{LogitRows, Segment, VisionMask};
 use percept::model::tokenizer::{ChatContent, ChatMessage, MediaItem};
 use percept::model::unified::{AudioEmbedder, VisionEmbedder};
 use percept::model::Gemma4;
@@ -51,65 +53,12 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4_unified")
 }
 
-struct Fixture {
-    model: Gemma4,
-    expected: HashMap<String, Tensor>,
-    cases: serde_json::Value,
-}
-
 fn open() -> Fixture {
-    let dir = fixture();
-    let model = Gemma4::load_dir(&dir.join("model"), &LoadOptions::default()).unwrap();
-    let expected =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let cases: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    Fixture {
-        model,
-        expected,
-        cases,
-    }
-}
-
-fn case<'a>(f: &'a Fixture, name: &str) -> &'a serde_json::Value {
-    f.cases["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
+    Fixture::load(&fixture(), DType::F32)
 }
 
 fn tensor(f: &Fixture, c: &serde_json::Value, what: &str) -> Option<Tensor> {
     c["tensors"][what].as_str().map(|n| f.expected[n].clone())
-}
-
-fn ids_of(v: &serde_json::Value, row: usize) -> (Vec<u32>, usize) {
-    let ids: Vec<u32> = v["input_ids"][row]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    let mask: Vec<u64> = v["attention_mask"][row]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
-    let pad = mask.iter().take_while(|&&m| m == 0).count();
-    (ids[pad..].to_vec(), pad)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Where a case's soft tokens come from.
