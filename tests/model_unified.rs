@@ -118,22 +118,6 @@ fn soft_of(f: &Fixture, c: &serde_json::Value, src: Source) -> SoftTokens {
     soft
 }
 
-/// All-position logits of one prompt in one prefill.
-fn prefill_logits(m: &Gemma4, ids: &[u32], soft: &SoftTokens) -> Tensor {
-    let pe = embed_prompt(&m.text, ids, soft, &m.placeholders()).unwrap();
-    let mut cache = m.text.new_cache();
-    let mut segs = [Segment {
-        cache: &mut cache,
-        len: ids.len(),
-        logits: LogitRows::All,
-        block_ids: Some(pe.block_ids.clone()),
-    }];
-    m.text
-        .forward(&pe.embeds, pe.ple.as_ref(), &mut segs)
-        .unwrap()
-        .remove(0)
-}
-
 /// Prefill, then one-token cached decode steps fed the reference's greedy tokens: the
 /// largest difference to the reference's per-step logits `[12, vocab]`.
 fn cached_step_logits_diff(
@@ -182,7 +166,7 @@ fn check_case(f: &Fixture, name: &str, src: Source) -> f32 {
     let mut requests = Vec::new();
     for row in 0..rows {
         let (ids, pad) = ids_of(c, row);
-        let got = prefill_logits(m, &ids, &soft);
+        let got = m.prompt_logits(&ids, &soft).unwrap();
         let want = logits.get(row).unwrap().narrow(0, pad, ids.len()).unwrap();
         let d = max_diff(&got, &want);
         let tol = match src {
@@ -457,7 +441,7 @@ fn end_to_end_from_files_matches_reference() {
         let c = case(&f, name);
         let (want_ids, _) = ids_of(c, 0);
         assert_eq!(ids, want_ids, "{name}: prompt ids");
-        let got = prefill_logits(m, &ids, &soft);
+        let got = m.prompt_logits(&ids, &soft).unwrap();
         let d = max_diff(&got, &tensor(&f, c, "logits").unwrap().squeeze(0).unwrap());
         eprintln!("{name} (end to end): max logit diff {d:.3e}");
         assert!(d < LOGIT_TOL_RUST_MEDIA, "{name}: {d}");
@@ -492,7 +476,7 @@ fn static_cache_mask_variant_matches_its_reference_logits() {
     let c = case(&f, "image");
     let (ids, _) = ids_of(c, 0);
     let soft = soft_of(&f, c, Source::Reference);
-    let got = prefill_logits(&f.model, &ids, &soft);
+    let got = f.model.prompt_logits(&ids, &soft).unwrap();
     let want = tensor(&f, c, "logits_static_cache_tail")
         .unwrap()
         .squeeze(0)
@@ -561,7 +545,7 @@ fn as_close_to_exact_arithmetic_as_the_reference() {
             for row in 0..c["input_ids"].as_array().unwrap().len() {
                 let (ids, pad) = ids_of(c, row);
                 let exact = &f64ref[&format!("{name}.{row}")];
-                let got = prefill_logits(&f.model, &ids, &soft);
+                let got = f.model.prompt_logits(&ids, &soft).unwrap();
                 let torch32 = tensor(&f, c, "logits")
                     .unwrap()
                     .get(row)

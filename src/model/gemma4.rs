@@ -4,11 +4,13 @@
 
 use std::path::Path;
 
+use candle_core::Tensor;
+
 use super::config::{Arch, Gemma4Config};
 use super::generate::{generate_batch, GenerateOptions, Generation, Request};
 use super::loader::{LoadError, ModelFiles, Weights};
-use super::multimodal::PlaceholderIds;
-use super::text::{LoadOptions, TextModel, VisionMask};
+use super::multimodal::{embed_prompt, PlaceholderIds, SoftTokens};
+use super::text::{LoadOptions, LogitRows, Segment, TextModel, VisionMask};
 use super::tokenizer::Gemma4Tokenizer;
 use super::ModelError;
 
@@ -98,6 +100,24 @@ impl Gemma4 {
             weights,
             opts: opts.clone(),
         })
+    }
+
+    /// Logits `[n, vocab]` of every position of one prompt, from one prefill in a fresh
+    /// cache, media soft tokens placed as generation places them.
+    pub fn prompt_logits(&self, ids: &[u32], soft: &SoftTokens) -> Result<Tensor, ModelError> {
+        let pe = embed_prompt(&self.text, ids, soft, &self.placeholders())?;
+        let mut cache = self.text.new_cache();
+        let mut segs = [Segment {
+            cache: &mut cache,
+            len: ids.len(),
+            logits: LogitRows::All,
+            block_ids: Some(pe.block_ids.clone()),
+        }];
+        self.text
+            .forward(&pe.embeds, pe.ple.as_ref(), &mut segs)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ModelError::Request("the prefill returned no logits".into()))
     }
 
     /// Placeholder ids: from the tokenizer when present, else the config.

@@ -53,79 +53,63 @@ impl TowerEncoder {
     }
 
     fn unified_vision(&self, m: &Gemma4) -> Result<&VisionEmbedder, ModelError> {
-        if self.unified_vision.get().is_none() {
+        loaded(&self.unified_vision, || {
             let cfg = m.config.unified_vision.as_ref().ok_or_else(|| {
                 ModelError::Request("this checkpoint has no vision_config".into())
             })?;
-            let e = VisionEmbedder::load_with(
-                &m.weights,
-                cfg,
-                m.config.text_config.hidden_size,
-                m.opts.projection_quant(),
-            )?;
-            let _ = self.unified_vision.set(e);
-        }
-        self.unified_vision
-            .get()
-            .ok_or_else(|| ModelError::Request("vision embedder failed to initialise".into()))
+            let hidden = m.config.text_config.hidden_size;
+            let quant = m.opts.projection_quant();
+            Ok(VisionEmbedder::load_with(&m.weights, cfg, hidden, quant)?)
+        })
     }
 
     fn unified_audio(&self, m: &Gemma4) -> Result<&AudioEmbedder, ModelError> {
-        if self.unified_audio.get().is_none() {
+        loaded(&self.unified_audio, || {
             let cfg =
                 m.config.unified_audio.as_ref().ok_or_else(|| {
                     ModelError::Request("this checkpoint has no audio_config".into())
                 })?;
-            let e = AudioEmbedder::load_with(
-                &m.weights,
-                cfg,
-                m.config.text_config.hidden_size,
-                m.opts.projection_quant(),
-            )?;
-            let _ = self.unified_audio.set(e);
-        }
-        self.unified_audio
-            .get()
-            .ok_or_else(|| ModelError::Request("audio embedder failed to initialise".into()))
+            let hidden = m.config.text_config.hidden_size;
+            let quant = m.opts.projection_quant();
+            Ok(AudioEmbedder::load_with(&m.weights, cfg, hidden, quant)?)
+        })
     }
 
     fn vision(&self, m: &Gemma4) -> Result<&VisionTower, ModelError> {
-        if self.vision.get().is_none() {
+        loaded(&self.vision, || {
             let cfg =
                 m.config.vision_config.as_ref().ok_or_else(|| {
                     ModelError::Request("this checkpoint has no vision tower".into())
                 })?;
-            let t = VisionTower::load_with(
-                &m.weights,
-                cfg,
-                m.config.text_config.hidden_size,
-                m.opts.projection_quant(),
-            )?;
-            let _ = self.vision.set(t);
-        }
-        self.vision
-            .get()
-            .ok_or_else(|| ModelError::Request("vision tower failed to initialise".into()))
+            let hidden = m.config.text_config.hidden_size;
+            let quant = m.opts.projection_quant();
+            Ok(VisionTower::load_with(&m.weights, cfg, hidden, quant)?)
+        })
     }
 
     fn audio(&self, m: &Gemma4) -> Result<&AudioTower, ModelError> {
-        if self.audio.get().is_none() {
+        loaded(&self.audio, || {
             let cfg =
                 m.config.audio_config.as_ref().ok_or_else(|| {
                     ModelError::Request("this checkpoint has no audio tower".into())
                 })?;
-            let t = AudioTower::load_with(
-                &m.weights,
-                cfg,
-                m.config.text_config.hidden_size,
-                m.opts.projection_quant(),
-            )?;
-            let _ = self.audio.set(t);
-        }
-        self.audio
-            .get()
-            .ok_or_else(|| ModelError::Request("audio tower failed to initialise".into()))
+            let hidden = m.config.text_config.hidden_size;
+            let quant = m.opts.projection_quant();
+            Ok(AudioTower::load_with(&m.weights, cfg, hidden, quant)?)
+        })
     }
+}
+
+/// The value in `cell`, loaded by `load` on first use (a failed load is retried next time).
+fn loaded<T>(
+    cell: &OnceCell<T>,
+    load: impl FnOnce() -> Result<T, ModelError>,
+) -> Result<&T, ModelError> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let v = load()?;
+    Ok(cell.get_or_init(|| v))
 }
 
 impl TowerEncoder {

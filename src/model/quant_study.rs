@@ -256,20 +256,9 @@ fn synthetic_ids(m: &Gemma4, media: Option<&MediaItem>, n: usize) -> Vec<u32> {
 
 /// f32 logits `[n, vocab]` of every position of one prompt in one prefill.
 pub fn all_logits(m: &Gemma4, ids: &[u32], soft: &SoftTokens) -> anyhow::Result<Vec<Vec<f32>>> {
-    let pe = embed_prompt(&m.text, ids, soft, &m.placeholders())?;
-    let mut cache = m.text.new_cache();
-    let mut segs = [Segment {
-        cache: &mut cache,
-        len: ids.len(),
-        logits: LogitRows::All,
-        block_ids: Some(pe.block_ids.clone()),
-    }];
-    let l = m.text.forward(&pe.embeds, pe.ple.as_ref(), &mut segs)?;
-    let l = l
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("no logits"))?;
-    Ok(l.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    Ok(m.prompt_logits(ids, soft)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?)
 }
 
 /// The most likely token that is not a media placeholder (random models do pick them, and
