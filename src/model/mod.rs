@@ -18,6 +18,7 @@ pub mod layers;
 pub mod loader;
 pub mod media;
 pub mod multimodal;
+pub mod q4k_avx512;
 pub mod qmm;
 pub mod quant_study;
 pub mod testing;

@@ -5,9 +5,10 @@
 //! `PackedCache`), plus on AMX CPUs a third copy for prefill. Resident memory then grows to
 //! about twice the weights and decode streams the expanded tiles. There is no switch to turn
 //! that off, so percept calls the pieces it needs directly:
-//! - few activation rows (decode): candle's generic `k_quants::matmul`, which quantizes the
-//!   rows once (Q8K / Q8_0) and runs runtime-detected AVX2 dot products over the compact
-//!   blocks, split across its thread pool;
+//! - few activation rows (decode): the rows are quantized once (Q8K / Q8_0) and each weight
+//!   row is dotted with all of them over its compact blocks, runs of weight rows split
+//!   across rayon; Q4K uses percept's AVX-512 kernel with prefetch ([`super::q4k_avx512`])
+//!   where the CPU has it, otherwise candle's runtime-detected AVX2 / generic dot products;
 //! - many rows (prefill): weight rows are dequantized a tile at a time into a small f32
 //!   buffer per worker and multiplied with `gemm`, so no whole-matrix f32 copy exists.
 //!
@@ -49,9 +50,39 @@ pub fn matmul(q: &QTensor, lhs: &[f32], m: usize, dst: &mut [f32]) -> CResult<()
     }
     let bytes = q.data()?;
     match q.dtype() {
-        GgmlDType::Q4K => run::<BlockQ4K>(cast_blocks(&bytes)?, (m, k, n), lhs, dst),
-        GgmlDType::Q8_0 => run::<BlockQ8_0>(cast_blocks(&bytes)?, (m, k, n), lhs, dst),
+        GgmlDType::Q4K if super::q4k_avx512::available() => run::<BlockQ4K>(
+            cast_blocks(&bytes)?,
+            (m, k, n),
+            lhs,
+            dst,
+            super::q4k_avx512::dot_rows,
+        ),
+        GgmlDType::Q4K => run(
+            cast_blocks(&bytes)?,
+            (m, k, n),
+            lhs,
+            dst,
+            each_row::<BlockQ4K>,
+        ),
+        GgmlDType::Q8_0 => run(
+            cast_blocks(&bytes)?,
+            (m, k, n),
+            lhs,
+            dst,
+            each_row::<BlockQ8_0>,
+        ),
         other => candle_core::bail!("qmm: unsupported block type {other:?}"),
+    }
+}
+
+/// One row of weight blocks against `out.len()` rows of quantized activations (stored one
+/// after another): `out[r] = w · x_r`.
+type RowDot<T> = fn(&[T], &[<T as GgmlType>::VecDotType], &mut [f32]);
+
+/// [`RowDot`] with candle's block dot product, one activation row at a time.
+fn each_row<T: GgmlType>(w: &[T], xs: &[T::VecDotType], out: &mut [f32]) {
+    for (o, x) in out.iter_mut().zip(xs.chunks_exact(w.len())) {
+        *o = T::vec_dot(w.len() * T::BLCK_SIZE, w, x);
     }
 }
 
@@ -60,6 +91,7 @@ fn run<T: GgmlType>(
     (m, k, n): (usize, usize, usize),
     lhs: &[f32],
     dst: &mut [f32],
+    dot: RowDot<T>,
 ) -> CResult<()> {
     if !k.is_multiple_of(T::BLCK_SIZE) || blocks.len() != n * (k / T::BLCK_SIZE) {
         candle_core::bail!(
@@ -69,10 +101,64 @@ fn run<T: GgmlType>(
         );
     }
     if m < GEMM_MIN_ROWS {
-        return candle_core::quantized::k_quants::matmul((m, k, n), lhs, blocks, dst);
+        dot_rows(blocks, (m, k, n), lhs, dst, dot);
+    } else {
+        dequant_gemm(blocks, (m, k, n), lhs, dst);
     }
-    dequant_gemm(blocks, (m, k, n), lhs, dst);
     Ok(())
+}
+
+/// Decode path: the activation rows are quantized once (Q8K / Q8_0) and every output is one
+/// block dot product over the compact weight row. Work is split over rayon by runs of weight
+/// rows, each run computing all `m` outputs of its rows (`dstᵀ`), so every weight byte is
+/// read once per call. rayon rather than candle's own pool: candle's workers are pinned to
+/// the cores while the calling thread spins on its barrier, so on a machine with as many
+/// cores as workers the caller steals a worker's core on every call (q4k decode ran at
+/// 14-42% of the bandwidth bound).
+fn dot_rows<T: GgmlType>(
+    blocks: &[T],
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    dst: &mut [f32],
+    dot: RowDot<T>,
+) {
+    let bpr = k / T::BLCK_SIZE;
+    let mut qx = vec![T::VecDotType::zeros(); m * bpr];
+    for (row, q) in lhs.chunks_exact(k).zip(qx.chunks_mut(bpr)) {
+        T::VecDotType::from_float(row, q);
+    }
+    // About 8 runs per worker keeps them balanced; 16 rows keep a run worth scheduling.
+    let run_rows = (n / (8 * rayon::current_num_threads())).clamp(16, 1024);
+    let mut dst_t = if m == 1 {
+        Vec::new()
+    } else {
+        vec![0f32; n * m]
+    };
+    let out: &mut [f32] = if m == 1 { dst } else { &mut dst_t };
+    out.par_chunks_mut(run_rows * m)
+        .zip(blocks.par_chunks(run_rows * bpr))
+        .for_each(|(out, wb)| {
+            for (o, w) in out.chunks_exact_mut(m).zip(wb.chunks_exact(bpr)) {
+                dot(w, &qx, o);
+            }
+        });
+    if m > 1 {
+        transpose_into(&dst_t, n, m, dst);
+    }
+}
+
+/// `dst[i, j] = src[j, i]` for `src [n, m]`, in cache-sized squares.
+fn transpose_into(src: &[f32], n: usize, m: usize, dst: &mut [f32]) {
+    const B: usize = 64;
+    for j0 in (0..n).step_by(B) {
+        for i0 in (0..m).step_by(B) {
+            for j in j0..(j0 + B).min(n) {
+                for i in i0..(i0 + B).min(m) {
+                    dst[i * n + j] = src[j * m + i];
+                }
+            }
+        }
+    }
 }
 
 /// Prefill path: workers take tiles of weight rows, dequantize them into their own f32
@@ -96,17 +182,7 @@ fn dequant_gemm<T: GgmlType>(
             T::to_float(wb, &mut tile[..rows * k]);
             gemm_tile(rows, m, k, &tile[..rows * k], lhs, out);
         });
-    // dst[i, j] = dst_t[j, i], in cache-sized squares.
-    const B: usize = 64;
-    for j0 in (0..n).step_by(B) {
-        for i0 in (0..m).step_by(B) {
-            for j in j0..(j0 + B).min(n) {
-                for i in i0..(i0 + B).min(m) {
-                    dst[i * n + j] = dst_t[j * m + i];
-                }
-            }
-        }
-    }
+    transpose_into(&dst_t, n, m, dst);
 }
 
 /// `out[rows, m] = tile[rows, k] · lhs[m, k]ᵀ`, single-threaded (the caller parallelises

@@ -660,7 +660,12 @@ impl TextModel {
         ple: Option<&Tensor>,
         segments: &mut [Segment<'_>],
     ) -> CResult<Vec<Tensor>> {
-        self.forward_inner(embeds, ple, segments, None)
+        // Run the step on a rayon worker (inline when already on one): the parallel matmuls
+        // of `qmm` then split between this thread and the other workers, instead of this
+        // thread sleeping through each one and being woken after it (~300 hand-offs per
+        // decoded token on E2B), and no idle worker spins against the serial work between
+        // them.
+        rayon::scope(|_| self.forward_inner(embeds, ple, segments, None))
     }
 
     /// [`TextModel::forward`] that also returns the hidden states the reference reports
