@@ -8,7 +8,7 @@
 //! own soft tokens (after the embedders), so this checks placement + decoder exactly.
 //!
 //! The stored logits are the reference run in float64 (`tests/parity/golden_f64.py`): its
-//! float32 run is itself 1.2e-4..2.5e-4 away from them on this random model, so a 1e-4
+//! float32 run is itself 6.9e-5..2.1e-4 away from them on this random model, so a 1e-4
 //! bound against float32 would measure two roundings. percept loaded in float64 must match
 //! them within 1e-4; in float32 (what runs in production) within the float32 noise floor.
 
@@ -23,11 +23,12 @@ use percept::model::multimodal::{embed_prompt, SoftTokens};
 use percept::model::text::{LogitRows, Segment};
 
 /// Max absolute logit difference allowed for percept in float64 against the reference in
-/// float64 (measured: 1.8e-5..6.4e-5; both keep norms, softmax and RoPE in float32).
+/// float64 (both also keep norms, softmax and RoPE in float64; measured <= 2.4e-6, the
+/// float32 storage of the reference's logits).
 const LOGIT_TOL_F64: f32 = 1e-4;
 
-/// The same for percept in float32 (logits are soft-capped at 30). Measured 1.1e-4..2.9e-4,
-/// the distance of the reference's own float32 run (1.2e-4..2.5e-4): it grows with the
+/// The same for percept in float32 (logits are soft-capped at 30). Measured 7.3e-5..2.5e-4,
+/// the distance of the reference's own float32 run (6.9e-5..2.1e-4): it grows with the
 /// attention span, as attention with scaling 1.0 amplifies rounding. Against the reference
 /// in float32, percept's float32 logits were within 1.13e-4.
 const LOGIT_TOL_F32: f32 = 4e-4;
@@ -60,7 +61,14 @@ fn check_case(f: &Fixture, name: &str) {
     let ph = m.placeholders();
     let soft = soft_of(f, c);
     let logits_name = c["tensors"]["logits"].as_str().unwrap();
-    let gen_name = c["tensors"]["generated"].as_str().unwrap();
+    // The float32 run's 12th image token is a near tie (gap 2.3e-5) that float64 decides the
+    // other way; a float64 model follows the reference's float64 greedy tokens.
+    let gen_key = if m.text.dtype() == DType::F64 {
+        "generated_f64"
+    } else {
+        "generated"
+    };
+    let gen_name = c["tensors"][gen_key].as_str().unwrap();
     let rows = c["input_ids"].as_array().unwrap().len();
     let mut requests = Vec::new();
     for row in 0..rows {

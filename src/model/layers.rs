@@ -119,7 +119,19 @@ impl KeepF16 {
     }
 }
 
-/// `Gemma4RMSNorm`: `x * (mean(x^2) + eps)^-0.5 * w`, in f32, cast back to the input dtype.
+/// The dtype the reference upcasts to for norms, softmax and RoPE: f32, except that f64
+/// activations stay f64 (percept in f64 is a reference-precision check against the reference
+/// patched to do the same; computing those in f32 leaves ~1e-4 of rounding in the logits).
+pub fn upcast_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// `Gemma4RMSNorm`: `x * (mean(x^2) + eps)^-0.5 * w`, in [`upcast_dtype`], cast back to the
+/// input dtype.
 /// `with_scale = false` (v-norm, multimodal pre-projection norm) has no weight.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -154,11 +166,11 @@ impl RmsNorm {
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
+        let xf = x.to_dtype(upcast_dtype(dtype))?;
         let ms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?;
         let mut y = xf.broadcast_mul(&ms.powf(-0.5)?)?;
         if let Some(w) = &self.weight {
-            y = y.broadcast_mul(w)?;
+            y = y.broadcast_mul(&w.to_dtype(xf.dtype())?)?;
         }
         y.to_dtype(dtype)
     }

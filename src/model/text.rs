@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
 
 use super::config::{KvSource, LayerSpec, LayerType, TextConfig};
 use super::layers::{
-    gelu_tanh, round_through, softcap, Embedding, KeepF16, Linear, Quant, RmsNorm,
+    gelu_tanh, round_through, softcap, upcast_dtype, Embedding, KeepF16, Linear, Quant, RmsNorm,
 };
 use super::loader::{LoadError, Weights};
 
@@ -602,7 +602,9 @@ impl TextModel {
         }
     }
 
-    /// cos/sin `[rows, head_dim]` for a layer spec at the given positions, computed in f32.
+    /// cos/sin `[rows, head_dim]` for a layer spec at the given positions. The frequencies are
+    /// the reference's f32 constants; angles and cos/sin are f32 like the reference, or f64
+    /// for an f64 model (see [`upcast_dtype`]).
     fn rope_tables(&self, spec: &LayerSpec, positions: &[usize]) -> CResult<(Tensor, Tensor)> {
         let hd = spec.head_dim;
         let half = hd / 2;
@@ -633,13 +635,20 @@ impl TextModel {
         let n = positions.len();
         let mut cos = Vec::with_capacity(n * hd);
         let mut sin = Vec::with_capacity(n * hd);
+        let exact = upcast_dtype(self.dtype) == DType::F64;
         for &p in positions {
             for _ in 0..2 {
                 for f in &inv {
-                    // freqs = position.float() * inv_freq, in f32 as the reference.
-                    let a = (p as f32) * (*f as f32);
-                    cos.push(a.cos());
-                    sin.push(a.sin());
+                    let f = *f as f32;
+                    let (c, s) = if exact {
+                        let a = p as f64 * f as f64;
+                        (a.cos(), a.sin())
+                    } else {
+                        let a = (p as f32) * f;
+                        (a.cos() as f64, a.sin() as f64)
+                    };
+                    cos.push(c);
+                    sin.push(s);
                 }
             }
         }
@@ -817,11 +826,13 @@ impl TextModel {
             };
             let logits = match sel {
                 Some(x) => {
-                    let l = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+                    let l = self.lm_head.forward(&x)?;
+                    let l = l.to_dtype(upcast_dtype(l.dtype()))?;
                     match self.cfg.final_logit_softcapping {
                         Some(c) => softcap(&l, c)?,
                         None => l,
                     }
+                    .to_dtype(DType::F32)?
                 }
                 None => Tensor::zeros((0, vocab), DType::F32, &self.device)?,
             };
@@ -899,7 +910,7 @@ impl TextModel {
                 .reshape((nkv, groups * lq, hd))?;
             let scores = qs.matmul(&kv_k.t()?)?; // scaling = 1.0
             let scores = scores
-                .to_dtype(DType::F32)?
+                .to_dtype(upcast_dtype(scores.dtype()))?
                 .reshape((nkv, groups, lq, lk))?;
             let block_ids = match self.vision_mask {
                 VisionMask::Causal => None,
@@ -918,7 +929,7 @@ impl TextModel {
                 s.cache.pos,
                 &self.device,
             )? {
-                Some(m) => scores.broadcast_add(&m)?,
+                Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
                 None => scores,
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?

@@ -15,24 +15,27 @@
 use candle_core::{DType, Module, Tensor, D};
 
 use super::config::{UnifiedAudioConfig, UnifiedVisionConfig};
-use super::layers::{Linear, Quant, RmsNorm};
+use super::layers::{upcast_dtype, Linear, Quant, RmsNorm};
 use super::loader::{LoadError, Weights};
 use super::ModelError;
 use crate::preprocess::unified::PatchInput;
 
 /// The embedders run in f32, or in f64 when the whole model does (reference-precision checks).
 fn compute_dtype(w: &Weights) -> DType {
-    if w.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
+    upcast_dtype(w.dtype())
 }
 
 /// torch `nn.LayerNorm` default eps.
 const LAYER_NORM_EPS: f64 = 1e-5;
 
-/// `nn.LayerNorm(dim)` with weight and bias, computed in f32.
+/// Rows normalised at a time (128 x 6912 f64 values = 7 MB).
+const LAYER_NORM_ROWS: usize = 128;
+
+/// `nn.LayerNorm(dim)` with weight and bias. The normalisation runs in f64 whatever the
+/// embedders' dtype: candle's f32 row sums over the 6912 pixel values of a merged patch lose
+/// enough precision to leave the image soft tokens 1.3e-5 from exact arithmetic (torch's f32
+/// run: 1.5e-6), and the decoder turns soft-token errors of that size into ~1e-3 in the
+/// logits. Rows go in blocks of [`LAYER_NORM_ROWS`] so the f64 copies stay a few MB.
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -47,11 +50,24 @@ impl LayerNorm {
         })
     }
 
+    /// `[n, dim]` -> `[n, dim]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        xc.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?
+        let n = x.dim(0)?;
+        if n == 0 {
+            return Ok(x.clone());
+        }
+        let mut parts = Vec::with_capacity(n.div_ceil(LAYER_NORM_ROWS));
+        for start in (0..n).step_by(LAYER_NORM_ROWS) {
+            let rows = x.narrow(0, start, LAYER_NORM_ROWS.min(n - start))?;
+            let r = rows.to_dtype(DType::F64)?;
+            let rc = r.broadcast_sub(&r.mean_keepdim(D::Minus1)?)?;
+            let var = rc.sqr()?.mean_keepdim(D::Minus1)?;
+            parts.push(
+                rc.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?
+                    .to_dtype(x.dtype())?,
+            );
+        }
+        Tensor::cat(&parts, 0)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
     }
@@ -91,9 +107,15 @@ impl MultimodalEmbedder {
         self.projection.storage()
     }
 
-    /// `[n, in_dim]` f32 -> `[n, text_hidden]`.
+    /// `[n, in_dim]` f32 -> `[n, text_hidden]`. The norm runs in f64 like the LayerNorms (640
+    /// waveform samples per audio frame).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.projection.forward(&self.norm.forward(x)?)
+        let dtype = x.dtype();
+        let n = self
+            .norm
+            .forward(&x.to_dtype(DType::F64)?)?
+            .to_dtype(dtype)?;
+        self.projection.forward(&n)
     }
 }
 
