@@ -97,8 +97,10 @@ pub const GEMMA4_12B_CONFIG: &str = r#"{
 pub fn real_config(arch: &str) -> anyhow::Result<Gemma4Config> {
     match arch {
         "e2b" | "e4b" => {
-            let v =
-                serde_json::json!({"model_type": "gemma4", "text_config": real_text_config(arch)?});
+            // Empty tower configs take the upstream defaults, which are the released towers'
+            // shapes (vision 768 wide x 16 layers, audio 1024 x 12; the same in E2B and E4B).
+            let v = serde_json::json!({"model_type": "gemma4", "text_config": real_text_config(arch)?,
+                "vision_config": {}, "audio_config": {}});
             Ok(Gemma4Config::from_json_str(&v.to_string(), arch)?)
         }
         "12b" => Ok(Gemma4Config::from_json_str(GEMMA4_12B_CONFIG, "12b")?),
@@ -151,6 +153,11 @@ pub fn run_one(
 ) -> anyhow::Result<serde_json::Value> {
     let full = real_config(arch)?;
     let cfg = full.text_config.clone();
+    // Measured before the load and after the timed work; the higher one makes the bound
+    // (and so the fraction of it reached) the stricter when other load comes and goes. The
+    // first reading comes before the model exists so that its 512 MiB of buffers never sit
+    // on top of the weights in the peak RSS reported.
+    let bw_before = measure_copy_bandwidth();
     let t0 = Instant::now();
     let w = Weights::random(0x5eed, &candle_core::Device::Cpu, candle_core::DType::F32);
     let opts = LoadOptions {
@@ -173,9 +180,6 @@ pub fn run_one(
         })
         .collect();
     let mut cache = m.new_cache();
-    // Measured before and after the timed work; the higher one makes the bound (and so
-    // the fraction of it reached) the stricter when other load comes and goes.
-    let bw_before = measure_copy_bandwidth();
     let t = Instant::now();
     let e = m.embed_tokens(&ids)?;
     let tp = m.ple_token_inputs(&ids)?;
@@ -205,6 +209,7 @@ pub fn run_one(
     }
     let decode_s = t.elapsed().as_secs_f64();
     let media = media_timings(&full, &w)?;
+    let peak_run = proc_status_kib("VmHWM:").unwrap_or(0);
     let bw = measure_copy_bandwidth().max(bw_before);
     let bytes_tok = m.decode_bytes_per_token() as f64;
     let decode_tps = decode as f64 / decode_s;
@@ -218,7 +223,7 @@ pub fn run_one(
         "weight_gib": m.weight_bytes() as f64 / (1u64 << 30) as f64,
         "rss_after_load_gib": rss_after_load as f64 / (1u64 << 20) as f64,
         "peak_rss_load_gib": peak_load as f64 / (1u64 << 20) as f64,
-        "peak_rss_gib": proc_status_kib("VmHWM:").unwrap_or(0) as f64 / (1u64 << 20) as f64,
+        "peak_rss_gib": peak_run as f64 / (1u64 << 20) as f64,
         "prompt_tokens": prompt,
         "prefill_tok_s": prompt as f64 / prefill_s,
         "decode_steps": decode,
@@ -232,24 +237,57 @@ pub fn run_one(
     }))
 }
 
-/// Encoder-free media front of `gemma4_unified`: soft tokens and milliseconds of the vision
-/// embedder for one 1280x720 frame at each image budget, and of the audio embedder per
-/// second of audio (25 tokens). Null for other architectures (their towers are not timed
-/// here).
+/// Media fronts at their real shapes: soft tokens and milliseconds per 1280x720 frame at each
+/// image budget, and per second (12B: encoder-free embedders) or per 10 s (E2B/E4B: log-mel
+/// + audio tower, f32) of audio.
 fn media_timings(cfg: &Gemma4Config, w: &Weights) -> anyhow::Result<serde_json::Value> {
     use super::unified::{AudioEmbedder, VisionEmbedder};
     use crate::preprocess::{image::RgbImage, unified::preprocess_image};
     let hidden = cfg.text_config.hidden_size;
     let dev = candle_core::Device::Cpu;
     let mut out = serde_json::Map::new();
-    if let Some(vc) = &cfg.unified_vision {
-        let v = VisionEmbedder::load(w, vc, hidden)?;
+    let frame = || {
         let (fw, fh) = (1280, 720);
-        let frame = RgbImage::new(
+        RgbImage::new(
             fw,
             fh,
             (0..fw * fh * 3).map(|i| (i * 131 % 251) as u8).collect(),
+        )
+    };
+    if let Some(vc) = &cfg.vision_config {
+        let tower = super::vision::VisionTower::load(w, vc, hidden)?;
+        let frame = frame();
+        let mut rows = Vec::new();
+        for budget in [70, 280] {
+            let t = Instant::now();
+            let input = crate::preprocess::image::preprocess(&frame, budget)?;
+            let pre_ms = t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
+            let soft = tower.encode(&input)?;
+            rows.push(serde_json::json!({
+                "budget": budget, "tokens": soft.dim(0)?,
+                "preprocess_ms": pre_ms, "embed_ms": t.elapsed().as_secs_f64() * 1e3,
+            }));
+        }
+        out.insert("image_1280x720".into(), rows.into());
+    }
+    if let Some(ac) = &cfg.audio_config {
+        let tower = super::audio::AudioTower::load(w, ac, hidden)?;
+        let samples: Vec<f32> = (0..160_000).map(|i| ((i as f32) * 0.05).sin()).collect();
+        let t = Instant::now();
+        let mel = crate::preprocess::mel::MelExtractor::new().extract(&samples);
+        let mel_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let soft = tower.encode(&mel)?;
+        out.insert(
+            "audio_per_10s".into(),
+            serde_json::json!({"tokens": soft.dim(0)?, "mel_ms": mel_ms,
+                "embed_ms": t.elapsed().as_secs_f64() * 1e3}),
         );
+    }
+    if let Some(vc) = &cfg.unified_vision {
+        let v = VisionEmbedder::load(w, vc, hidden)?;
+        let frame = frame();
         let mut rows = Vec::new();
         for budget in crate::preprocess::image::SUPPORTED_SOFT_TOKENS {
             let t = Instant::now();
@@ -431,10 +469,11 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                 println!("{v}");
             } else {
                 println!(
-                    "{arch:4} {:5} load {:6.1}s  weights {:5.2} GiB  peak RSS {:5.2} GiB  prefill {:7.1} tok/s  decode {:6.2} tok/s  ({:.0}% of {:.2} tok/s bound at {:.1} GB/s)",
+                    "{arch:4} {:5} load {:6.1}s  weights {:5.2} GiB  peak RSS load {:5.2} / run {:5.2} GiB  prefill {:7.1} tok/s  decode {:6.2} tok/s  ({:.0}% of {:.2} tok/s bound at {:.1} GB/s)",
                     q.as_str(),
                     v["load_s"].as_f64().unwrap_or(0.0),
                     v["weight_gib"].as_f64().unwrap_or(0.0),
+                    v["peak_rss_load_gib"].as_f64().unwrap_or(0.0),
                     v["peak_rss_gib"].as_f64().unwrap_or(0.0),
                     v["prefill_tok_s"].as_f64().unwrap_or(0.0),
                     v["decode_tok_s"].as_f64().unwrap_or(0.0),
@@ -451,6 +490,14 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                             r["embed_ms"].as_f64().unwrap_or(0.0)
                         );
                     }
+                }
+                if let Some(a) = v["media"]["audio_per_10s"].as_object() {
+                    println!(
+                        "     audio 10 s: {} tokens, log-mel {:.1} ms, tower {:.1} ms",
+                        a["tokens"],
+                        a["mel_ms"].as_f64().unwrap_or(0.0),
+                        a["embed_ms"].as_f64().unwrap_or(0.0)
+                    );
                 }
                 if let Some(a) = v["media"]["audio_per_second"].as_object() {
                     println!(
@@ -529,5 +576,34 @@ mod tests {
             .iter()
             .all(|r| r["tokens"].as_u64().unwrap() <= r["budget"].as_u64().unwrap()));
         assert_eq!(v["media"]["audio_per_second"]["tokens"], 25);
+    }
+
+    #[test]
+    fn tiny_gemma4_shape_times_its_towers() {
+        let spec = crate::model::testing::TinySpec::default();
+        let dir = crate::model::testing::temp_model_dir("bench-gemma4");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        let mut cfg = crate::model::testing::tiny_config_json(&spec);
+        // Small towers (the tiny checkpoints of the tests have none).
+        cfg["vision_config"] = serde_json::json!({
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+            "position_embedding_size": 128});
+        cfg["audio_config"] = serde_json::json!({
+            "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "subsampling_conv_channels": [128, 8], "output_proj_dims": 48});
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let v = run_one(path.to_str().unwrap(), Quant::Q4K, 20, 3).unwrap();
+        assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
+        let img = v["media"]["image_1280x720"].as_array().unwrap();
+        let budgets: Vec<u64> = img.iter().map(|r| r["budget"].as_u64().unwrap()).collect();
+        assert_eq!(budgets, [70, 280]);
+        assert!(img.iter().all(|r| {
+            let t = r["tokens"].as_u64().unwrap();
+            t > 0 && t <= r["budget"].as_u64().unwrap()
+        }));
+        // 10 s of audio at 40 ms per soft token.
+        assert_eq!(v["media"]["audio_per_10s"]["tokens"], 250);
     }
 }
