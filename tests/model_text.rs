@@ -107,8 +107,10 @@ fn sliding_cache_stays_bounded_by_the_window() {
         }];
         m.forward(&e, p.as_ref(), &mut segs).unwrap();
     }
-    // Layer 0 is sliding (W = 4): at most 2W positions held; layer 2 is full: all 40.
-    assert!(c.layer_len(0).unwrap() <= 2 * spec.sliding_window);
+    // Layer 0 is sliding (W = 4): at most W + slack (4) positions held, so it compacted
+    // every few tokens; layer 2 is full: all 40.
+    let w = spec.sliding_window;
+    assert!(c.layer_len(0).unwrap() <= w + percept::model::text::sliding_slack(w));
     assert_eq!(c.layer_len(2), Some(40));
     // KV-shared layers own no cache.
     assert_eq!(c.layer_len(4), None);

@@ -193,8 +193,12 @@ pub fn run_one(
     let l = m.forward(&e, p.as_ref(), &mut segs)?;
     let prefill_s = t.elapsed().as_secs_f64();
     let mut tok = super::generate::argmax(&l[0].squeeze(0)?.to_vec1::<f32>()?);
-    let t = Instant::now();
-    for _ in 0..decode {
+    // One untimed step first (as llama-bench warms up): the first step after a prefill pays
+    // for growing the caches and for the allocator's first decode-sized buffers.
+    let mut step_ms = Vec::with_capacity(decode);
+    let mut decode_s = 0.0;
+    for step in 0..=decode {
+        let t = Instant::now();
         let e = m.embed_tokens(&[tok])?;
         let tp = m.ple_token_inputs(&[tok])?;
         let p = m.ple_inputs(&e, tp.as_ref())?;
@@ -206,8 +210,16 @@ pub fn run_one(
         }];
         let l = m.forward(&e, p.as_ref(), &mut segs)?;
         tok = super::generate::argmax(&l[0].squeeze(0)?.to_vec1::<f32>()?);
+        let s = t.elapsed().as_secs_f64();
+        if step > 0 {
+            decode_s += s;
+        }
+        step_ms.push(s * 1e3);
     }
-    let decode_s = t.elapsed().as_secs_f64();
+    let warmup_ms = step_ms.remove(0);
+    let mut sorted = step_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median_ms = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     let media = media_timings(&full, &w)?;
     let peak_run = proc_status_kib("VmHWM:").unwrap_or(0);
     let bw = measure_copy_bandwidth().max(bw_before);
@@ -228,10 +240,16 @@ pub fn run_one(
         "prefill_tok_s": prompt as f64 / prefill_s,
         "decode_steps": decode,
         "decode_tok_s": decode_tps,
+        "decode_warmup_step_ms": warmup_ms,
+        "decode_step_ms_median": median_ms,
+        "decode_step_ms_max": sorted.last().copied().unwrap_or(0.0),
         "decode_bytes_per_token_gib": bytes_tok / (1u64 << 30) as f64,
         "copy_bandwidth_gb_s": bw / 1e9,
         "bandwidth_bound_tok_s": bound_tps,
         "fraction_of_bound": decode_tps / bound_tps,
+        // The same from the median step: a step slowed by other load on a shared machine
+        // weighs on the mean but not here.
+        "fraction_of_bound_median_step": if median_ms > 0.0 { 1e3 / median_ms / bound_tps } else { 0.0 },
         "kv_cache_mib": cache.bytes() as f64 / (1u64 << 20) as f64,
         "media": media,
     }))
@@ -469,7 +487,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                 println!("{v}");
             } else {
                 println!(
-                    "{arch:4} {:5} load {:6.1}s  weights {:5.2} GiB  peak RSS load {:5.2} / run {:5.2} GiB  prefill {:7.1} tok/s  decode {:6.2} tok/s  ({:.0}% of {:.2} tok/s bound at {:.1} GB/s)",
+                    "{arch:4} {:5} load {:6.1}s  weights {:5.2} GiB  peak RSS load {:5.2} / run {:5.2} GiB  prefill {:7.1} tok/s  decode {:6.2} tok/s  ({:.0}% of {:.2} tok/s bound at {:.1} GB/s; median step {:.0}%)",
                     q.as_str(),
                     v["load_s"].as_f64().unwrap_or(0.0),
                     v["weight_gib"].as_f64().unwrap_or(0.0),
@@ -480,6 +498,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                     100.0 * v["fraction_of_bound"].as_f64().unwrap_or(0.0),
                     v["bandwidth_bound_tok_s"].as_f64().unwrap_or(0.0),
                     v["copy_bandwidth_gb_s"].as_f64().unwrap_or(0.0),
+                    100.0 * v["fraction_of_bound_median_step"].as_f64().unwrap_or(0.0),
                 );
                 if let Some(rows) = v["media"]["image_1280x720"].as_array() {
                     for r in rows.iter().filter(|r| r.get("error").is_none()) {

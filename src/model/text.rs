@@ -113,12 +113,20 @@ struct Ple {
     dim: usize,
 }
 
+/// Positions a sliding layer's cache holds beyond its window `w` before it compacts: a
+/// quarter window (256 on the 12B), at least 4. Was W (a 2W buffer from the first token
+/// on: 1.3 GB of f32 keys/values on the 12B's 40 sliding layers even for a 150-token
+/// prompt); a quarter keeps the compaction copy (W-1 rows) to one per W/4 decoded tokens.
+pub fn sliding_slack(w: usize) -> usize {
+    (w / 4).max(4)
+}
+
 /// One layer's K/V cache for one sequence: `[kv_heads, capacity, head_dim]` buffers holding
 /// positions `first_pos .. first_pos + len`.
 ///
 /// Sliding layers keep at most `window - 1` past keys between calls (the query itself is the
 /// W-th key), compacting when the buffer fills, so their memory is bounded by the window plus
-/// one chunk. Full layers grow by doubling up to `max_len`.
+/// [`sliding_slack`] (or one chunk). All layers grow by doubling; full layers up to `max_len`.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     k: Option<Tensor>,
@@ -165,10 +173,20 @@ impl LayerCache {
         let cap = self.k.as_ref().map(|k| k.dims()[1]).unwrap_or(0);
         if needed > cap {
             let (keep, new_cap) = match self.window {
+                // Short sequences grow the buffer like a full layer, up to W + slack.
+                Some(w) if needed <= w + sliding_slack(w) => {
+                    let mut c = cap.max(64);
+                    while c < needed {
+                        c *= 2;
+                    }
+                    (self.len, c.min(w + sliding_slack(w)))
+                }
                 Some(w) => {
-                    // Only the last W-1 past keys can still be seen by later queries.
+                    // Only the last W-1 past keys can still be seen by later queries; they
+                    // move to the front and the slack takes the next appends, so the copy
+                    // comes once per `sliding_slack(w)` decoded tokens.
                     let keep = self.len.min(w.saturating_sub(1));
-                    (keep, (2 * w).max(keep + n))
+                    (keep, (w + sliding_slack(w)).max(keep + n))
                 }
                 None => {
                     if needed > self.max_len {
