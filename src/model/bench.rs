@@ -195,9 +195,8 @@ pub fn run_one(
     let mut tok = super::generate::argmax(&l[0].squeeze(0)?.to_vec1::<f32>()?);
     // One untimed step first (as llama-bench warms up): the first step after a prefill pays
     // for growing the caches and for the allocator's first decode-sized buffers.
-    let mut step_ms = Vec::with_capacity(decode);
-    let mut decode_s = 0.0;
-    for step in 0..=decode {
+    let mut step_ms = Vec::with_capacity(decode + 1);
+    for _ in 0..=decode {
         let t = Instant::now();
         let e = m.embed_tokens(&[tok])?;
         let tp = m.ple_token_inputs(&[tok])?;
@@ -210,13 +209,10 @@ pub fn run_one(
         }];
         let l = m.forward(&e, p.as_ref(), &mut segs)?;
         tok = super::generate::argmax(&l[0].squeeze(0)?.to_vec1::<f32>()?);
-        let s = t.elapsed().as_secs_f64();
-        if step > 0 {
-            decode_s += s;
-        }
-        step_ms.push(s * 1e3);
+        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let warmup_ms = step_ms.remove(0);
+    let decode_s = step_ms.iter().sum::<f64>() / 1e3;
     let mut sorted = step_ms.clone();
     sorted.sort_by(f64::total_cmp);
     let median_ms = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);

@@ -596,6 +596,17 @@ pub fn round_through(value: f64, dtype: DType) -> CResult<f64> {
 mod tests {
     use super::*;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn fast_tanh_gelu_and_softcap_match_libm() {
         let xs: Vec<f32> = (-40_000..=40_000).map(|i| i as f32 * 5e-4).collect();
@@ -617,21 +628,16 @@ mod tests {
         assert_eq!(tanh_f32(0.0), 0.0);
 
         let t = Tensor::from_slice(&xs, (xs.len(),), &Device::Cpu).unwrap();
-        let diff = |a: Tensor, b: Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
         // candle's gelu (libm tanh) and the reference formula of softcap.
-        assert!(diff(gelu_tanh(&t).unwrap(), t.gelu().unwrap()) <= 1e-5);
+        assert!(max_abs_diff(&gelu_tanh(&t).unwrap(), &t.gelu().unwrap()) <= 1e-5);
         let want = ((&t * 40.0).unwrap() / 30.0).unwrap().tanh().unwrap() * 30.0;
         // 30 x the tanh tolerance.
-        assert!(diff(softcap(&(&t * 40.0).unwrap(), 30.0).unwrap(), want.unwrap()) <= 2e-5);
+        assert!(
+            max_abs_diff(
+                &softcap(&(&t * 40.0).unwrap(), 30.0).unwrap(),
+                &want.unwrap()
+            ) <= 2e-5
+        );
         // f64 keeps candle's ops (parity runs in f64 are unchanged).
         let t64 = t.to_dtype(DType::F64).unwrap();
         assert_eq!(gelu_tanh(&t64).unwrap().dtype(), DType::F64);
@@ -705,14 +711,7 @@ mod tests {
         let want = table
             .index_select(&Tensor::new(&[3u32, 17], &Device::Cpu).unwrap(), 0)
             .unwrap();
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&got, &want);
         assert!(d < 0.05, "chunked lookup off by {d}");
     }
 }

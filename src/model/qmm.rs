@@ -9,8 +9,9 @@
 //!   row is dotted with all of them over its compact blocks, runs of weight rows split
 //!   across rayon; Q4K uses percept's AVX-512 kernel with prefetch ([`super::q4k_avx512`])
 //!   where the CPU has it, otherwise candle's runtime-detected AVX2 / generic dot products;
-//! - many rows (prefill): weight rows are dequantized a tile at a time into a small f32
-//!   buffer per worker and multiplied with `gemm`, so no whole-matrix f32 copy exists.
+//! - many rows (prefill): Q4K with that AVX-512 kernel takes the same path (activation rows
+//!   tiled); otherwise weight rows are dequantized a tile at a time into a small f32 buffer
+//!   per worker and multiplied with `gemm`, so no whole-matrix f32 copy exists.
 //!
 //! Block layout is candle's (= GGML's): each weight row is `k / block_size` consecutive
 //! blocks. Other block types are not handled here (the caller falls back to `QMatMul`).
@@ -53,20 +54,14 @@ pub fn matmul(q: &QTensor, lhs: &[f32], m: usize, dst: &mut [f32]) -> CResult<()
         // The AVX-512 kernel also serves prefill: 130-140 GFLOP/s at 64 and 256 rows against
         // 75-100 for dequantize + f32 GEMM (`bench model --kernels`), and activations then
         // go through 8 bits as in every decode step.
-        GgmlDType::Q4K if int_prefill() => run::<BlockQ4K>(
-            cast_blocks(&bytes)?,
-            (m, k, n),
-            lhs,
-            dst,
-            (super::q4k_avx512::dot_rows, usize::MAX),
-        ),
-        GgmlDType::Q4K => run(
-            cast_blocks(&bytes)?,
-            (m, k, n),
-            lhs,
-            dst,
-            (each_row::<BlockQ4K>, GEMM_MIN_ROWS),
-        ),
+        GgmlDType::Q4K => {
+            let plan: (RowDot<BlockQ4K>, usize) = if int_prefill() {
+                (super::q4k_avx512::dot_rows, usize::MAX)
+            } else {
+                (each_row, GEMM_MIN_ROWS)
+            };
+            run(cast_blocks(&bytes)?, (m, k, n), lhs, dst, plan)
+        }
         GgmlDType::Q8_0 => run(
             cast_blocks(&bytes)?,
             (m, k, n),
