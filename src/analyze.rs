@@ -271,17 +271,7 @@ pub fn analyze(
     out: &Path,
     stop: Arc<AtomicBool>,
 ) -> Result<Vec<Analyzed>, AnalyzeError> {
-    let problems = cfg.validate();
-    if !problems.is_empty() {
-        return Err(AnalyzeError::Config(problems.join("; ")));
-    }
-    if !cfg.model.enabled {
-        return Err(AnalyzeError::Config(
-            "analyze needs the model: [model] enabled is false".into(),
-        ));
-    }
-    let recordings = collect(paths)?;
-    gstreamer::init().map_err(|e| AnalyzeError::Config(format!("GStreamer: {e}")))?;
+    let recordings = prepare(&cfg, paths)?;
     let (model, engine) = SharedModel::start(&cfg.model)?;
     loop {
         match model.live.model() {
@@ -293,22 +283,62 @@ pub fn analyze(
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+    let results = analyze_each(&cfg, &recordings, out, &model, stop);
+    model.dispatch.close();
+    let _ = engine.join();
+    results
+}
+
+/// [`analyze`] with a model that is already being served (`bench clip` passes random
+/// weights at a real shape); the caller closes its dispatch.
+pub fn analyze_with(
+    cfg: Config,
+    paths: &[PathBuf],
+    out: &Path,
+    stop: Arc<AtomicBool>,
+    model: &SharedModel,
+) -> Result<Vec<Analyzed>, AnalyzeError> {
+    let recordings = prepare(&cfg, paths)?;
+    analyze_each(&cfg, &recordings, out, model, stop)
+}
+
+/// Checks the config and finds the recordings.
+fn prepare(cfg: &Config, paths: &[PathBuf]) -> Result<Vec<PathBuf>, AnalyzeError> {
+    let problems = cfg.validate();
+    if !problems.is_empty() {
+        return Err(AnalyzeError::Config(problems.join("; ")));
+    }
+    if !cfg.model.enabled {
+        return Err(AnalyzeError::Config(
+            "analyze needs the model: [model] enabled is false".into(),
+        ));
+    }
+    let recordings = collect(paths)?;
+    gstreamer::init().map_err(|e| AnalyzeError::Config(format!("GStreamer: {e}")))?;
+    Ok(recordings)
+}
+
+fn analyze_each(
+    cfg: &Config,
+    recordings: &[PathBuf],
+    out: &Path,
+    model: &SharedModel,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<Analyzed>, AnalyzeError> {
     let mut results = Vec::new();
     let mut used = std::collections::HashSet::new();
     for rec in recordings {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let mut name = source_name(&rec);
+        let mut name = source_name(rec);
         let mut k = 2;
         while !used.insert(name.clone()) {
-            name = format!("{}-{k}", source_name(&rec));
+            name = format!("{}-{k}", source_name(rec));
             k += 1;
         }
-        results.push(analyze_one(&cfg, &rec, &name, out, &model, stop.clone())?);
+        results.push(analyze_one(cfg, rec, &name, out, model, stop.clone())?);
     }
-    model.dispatch.close();
-    let _ = engine.join();
     Ok(results)
 }
 

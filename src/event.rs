@@ -142,6 +142,12 @@ pub enum Body {
     #[serde(rename = "summary")]
     TextSummary {
         text: String,
+        /// Windows the recording was summarized in (the running summary carried across).
+        windows: u32,
+        /// Frames the summary looked at, in all windows.
+        frames: u32,
+        /// Transcript lines it read, in all windows.
+        transcript_lines: u32,
     },
     Error {
         message: String,

@@ -8,6 +8,7 @@
 
 pub mod analyze;
 pub mod caption;
+pub mod clip_bench;
 pub mod config;
 pub mod control;
 pub mod engine;

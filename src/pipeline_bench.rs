@@ -18,10 +18,10 @@ use crate::config::{Config, SourceConfig, TaskKind};
 use crate::control::LiveBoard;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::model::bench::real_text_config;
+use crate::model::bench::{real_text_config, GEMMA4_12B_CONFIG};
 use crate::model::layers::Quant;
 use crate::model::loader::{ModelFiles, Weights};
-use crate::model::testing::{tiny_tokenizer_json, GEMMA4_CHAT_TEMPLATE};
+use crate::model::testing::{tiny_tokenizer_json, tiny_vocab_size, GEMMA4_CHAT_TEMPLATE};
 use crate::model::text::LoadOptions;
 use crate::model::Gemma4;
 use crate::run::{self, Overrides, RunExtras, SharedModel};
@@ -48,12 +48,12 @@ pub struct PipelineBenchArgs {
     pub out: PathBuf,
 }
 
-/// A model folder with the real config shape (text, vision and audio towers at their
-/// defaults = the E2B/E4B shapes) and the tiny test tokenizer; weights come from
-/// [`Weights::random`].
-fn write_model_dir(dir: &Path, arch: &str) -> anyhow::Result<()> {
+/// A model folder with a real config shape (`e2b`/`e4b`: text plus the vision and audio
+/// towers at their defaults, which are the released shapes; `12b`: the `gemma4_unified`
+/// preset; or a `config.json`) and the tiny test tokenizer, whose special-token ids replace
+/// the config's; weights come from [`Weights::random`].
+pub fn write_model_dir(dir: &Path, arch: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let text = serde_json::to_value(real_text_config(arch)?)?;
     let tok: serde_json::Value = serde_json::from_str(&tiny_tokenizer_json())?;
     let id = |s: &str| -> anyhow::Result<u64> {
         tok["added_tokens"]
@@ -62,18 +62,40 @@ fn write_model_dir(dir: &Path, arch: &str) -> anyhow::Result<()> {
             .and_then(|t| t["id"].as_u64())
             .ok_or_else(|| anyhow::anyhow!("tiny tokenizer has no {s}"))
     };
-    let hidden = text["hidden_size"].clone();
-    let cfg = serde_json::json!({
-        "model_type": "gemma4",
-        "text_config": text,
-        "vision_config": {},
-        "audio_config": {"output_proj_dims": hidden},
-        "boi_token_id": id("<|image>")?, "eoi_token_id": id("<image|>")?,
-        "image_token_id": id("<|image|>")?, "video_token_id": id("<|video|>")?,
-        "boa_token_id": id("<|audio>")?, "eoa_token_index": id("<audio|>")?,
-        "audio_token_id": id("<|audio|>")?,
-        "eos_token_id": [1, id("<turn|>")?],
-    });
+    let mut cfg: serde_json::Value = match arch {
+        "e2b" | "e4b" => {
+            let text = serde_json::to_value(real_text_config(arch)?)?;
+            let hidden = text["hidden_size"].clone();
+            serde_json::json!({
+                "model_type": "gemma4",
+                "text_config": text,
+                "vision_config": {},
+                "audio_config": {"output_proj_dims": hidden},
+            })
+        }
+        "12b" => serde_json::from_str(GEMMA4_12B_CONFIG)?,
+        path if path.ends_with(".json") => serde_json::from_str(&std::fs::read_to_string(path)?)?,
+        _ => anyhow::bail!("unknown arch {arch:?} (e2b, e4b, 12b or a config.json path)"),
+    };
+    let vocab = cfg["text_config"]["vocab_size"].as_u64().unwrap_or(0);
+    if (vocab as usize) < tiny_vocab_size() {
+        anyhow::bail!(
+            "{arch}: vocab_size {vocab} is smaller than the benchmark tokenizer's {} ids",
+            tiny_vocab_size()
+        );
+    }
+    for (key, tok) in [
+        ("boi_token_id", "<|image>"),
+        ("eoi_token_id", "<image|>"),
+        ("image_token_id", "<|image|>"),
+        ("video_token_id", "<|video|>"),
+        ("boa_token_id", "<|audio>"),
+        ("eoa_token_index", "<audio|>"),
+        ("audio_token_id", "<|audio|>"),
+    ] {
+        cfg[key] = serde_json::json!(id(tok)?);
+    }
+    cfg["eos_token_id"] = serde_json::json!([1, id("<turn|>")?]);
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     std::fs::write(dir.join("tokenizer.json"), tiny_tokenizer_json())?;
     std::fs::write(dir.join("chat_template.jinja"), GEMMA4_CHAT_TEMPLATE)?;

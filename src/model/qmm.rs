@@ -9,9 +9,13 @@
 //!   row is dotted with all of them over its compact blocks, runs of weight rows split
 //!   across rayon; Q4K uses percept's AVX-512 kernel with prefetch ([`super::q4k_avx512`])
 //!   where the CPU has it, otherwise candle's runtime-detected AVX2 / generic dot products;
-//! - many rows (prefill): Q4K with that AVX-512 kernel takes the same path (activation rows
-//!   tiled); otherwise weight rows are dequantized a tile at a time into a small f32 buffer
-//!   per worker and multiplied with `gemm`, so no whole-matrix f32 copy exists.
+//! - many rows (prefill): on CPUs with AMX, Q4K goes through candle's AMX tiles packed for
+//!   this one call and dropped after it ([`packed_once`]): the packing (about 2.2 bytes per
+//!   compact byte) costs less than the multiplication it speeds up once there are
+//!   [`PACKED_MIN_ROWS`] rows, and nothing stays resident. Without AMX, Q4K with the AVX-512
+//!   kernel takes the decode path (activation rows tiled); otherwise weight rows are
+//!   dequantized a tile at a time into a small f32 buffer per worker and multiplied with
+//!   `gemm`, so no whole-matrix f32 copy exists.
 //!
 //! Block layout is candle's (= GGML's): each weight row is `k / block_size` consecutive
 //! blocks. Other block types are not handled here (the caller falls back to `QMatMul`).
@@ -24,6 +28,13 @@ use rayon::prelude::*;
 /// From this many activation rows on, dequantize-and-GEMM beats one dot product per
 /// (row, weight row): the cost of unpacking a weight block is then shared by enough rows.
 pub const GEMM_MIN_ROWS: usize = 16;
+
+/// From this many activation rows on, Q4K goes through candle's AMX tiles packed per call
+/// (where the CPU has AMX): see [`packed_once`].
+/// Below it the packing (scalar, in candle) costs more than the AMX multiplication saves:
+/// a 10240x2560 matrix packs in ~68 ms, and at 512 rows the call takes 157 ms against 199
+/// ms for the AVX-512 kernel (`bench model --kernels --prompt 512`); at 64 rows it loses.
+pub const PACKED_MIN_ROWS: usize = 384;
 
 /// f32 elements of one dequantized weight tile per worker (1 MiB): big enough for an
 /// efficient GEMM, small enough to stay in L2 and to keep memory bounded.
@@ -54,6 +65,9 @@ pub fn matmul(q: &QTensor, lhs: &[f32], m: usize, dst: &mut [f32]) -> CResult<()
         // The AVX-512 kernel also serves prefill: 130-140 GFLOP/s at 64 and 256 rows against
         // 75-100 for dequantize + f32 GEMM (`bench model --kernels`), and activations then
         // go through 8 bits as in every decode step.
+        GgmlDType::Q4K if m >= PACKED_MIN_ROWS && n.is_multiple_of(16) && amx() => {
+            packed_once(&bytes, (m, k, n), lhs, dst)
+        }
         GgmlDType::Q4K => {
             let plan: (RowDot<BlockQ4K>, usize) = if int_prefill() {
                 (super::q4k_avx512::dot_rows, usize::MAX)
@@ -71,6 +85,45 @@ pub fn matmul(q: &QTensor, lhs: &[f32], m: usize, dst: &mut [f32]) -> CResult<()
         ),
         other => candle_core::bail!("qmm: unsupported block type {other:?}"),
     }
+}
+
+/// Whether the CPU has AMX int8 tiles, which candle's Q4K prefill path uses (Linux, where
+/// the kernel reports them and candle asks for the tile state).
+pub fn amx() -> bool {
+    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMX.get_or_init(|| {
+        cfg!(all(target_arch = "x86_64", target_os = "linux"))
+            && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|s| {
+                s.lines().find(|l| l.starts_with("flags")).is_some_and(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.contains(&"amx_int8") && f.contains(&"amx_tile")
+                })
+            })
+    })
+}
+
+/// Q4K prefill through candle's AMX kernel on a copy of the blocks that lives for this call
+/// only: candle keeps its packed tiles next to the storage it multiplies, so multiplying the
+/// resident weights would keep a second, 2.2x larger copy of every matrix for good.
+fn packed_once(
+    bytes: &[u8],
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    dst: &mut [f32],
+) -> CResult<()> {
+    use candle_core::{Module, Tensor};
+    let t = QTensor::new(
+        QStorage::from_data(
+            std::borrow::Cow::Borrowed(bytes),
+            &Device::Cpu,
+            GgmlDType::Q4K,
+        )?,
+        (n, k),
+    )?;
+    let x = Tensor::from_slice(lhs, (m, k), &Device::Cpu)?;
+    let y = candle_core::quantized::QMatMul::QTensor(std::sync::Arc::new(t)).forward(&x)?;
+    dst.copy_from_slice(&y.flatten_all()?.to_vec1::<f32>()?);
+    Ok(())
 }
 
 /// One row of weight blocks against `out.len()` rows of quantized activations (stored one
@@ -307,14 +360,16 @@ mod tests {
     fn qmm_matches_dequantized_matmul() {
         let mut rng = SplitMix64(11);
         for dtype in [GgmlDType::Q4K, GgmlDType::Q8_0] {
-            for (n, k) in [(40, 256), (24, 512), (300, 768)] {
+            // (48, 512): rows a multiple of 16, so Q4K at PACKED_MIN_ROWS takes the AMX path where
+            // the CPU has it.
+            for (n, k) in [(40, 256), (24, 512), (300, 768), (48, 512)] {
                 let w = random(&mut rng, n * k);
                 let q = quantize_par(&w, n, k, dtype).unwrap();
                 // Same blocks as candle's own quantizer.
                 let t = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
                 let cq = QTensor::quantize(&t, dtype).unwrap();
                 assert_eq!(q.data().unwrap(), cq.data().unwrap(), "{dtype:?} {n}x{k}");
-                for m in [1, 3, GEMM_MIN_ROWS, 37, 70] {
+                for m in [1, 3, GEMM_MIN_ROWS, 37, 70, PACKED_MIN_ROWS] {
                     let x = random(&mut rng, m * k);
                     let mut got = vec![0f32; m * n];
                     matmul(&q, &x, m, &mut got).unwrap();

@@ -160,6 +160,8 @@ pub struct SourceTask {
     /// `summarize`: summary windows not yet asked for, and how many there are in all.
     summary_windows: VecDeque<summary::SummaryWindow>,
     summary_total: usize,
+    /// Frames and transcript lines across all summary windows.
+    summary_inputs: (usize, usize),
 }
 
 impl SourceTask {
@@ -186,6 +188,7 @@ impl SourceTask {
             clip_frames: Vec::new(),
             summary_windows: VecDeque::new(),
             summary_total: 0,
+            summary_inputs: (0, 0),
         }
     }
 
@@ -441,6 +444,9 @@ impl SourceTask {
         // The frames now live in the windows only.
         self.clip_frames = Vec::new();
         self.summary_total = windows.len();
+        self.summary_inputs = windows
+            .iter()
+            .fold((0, 0), |(f, l), w| (f + w.frames.len(), l + w.lines.len()));
         self.summary_windows = windows.into();
         self.next_summary_job(None)
     }
@@ -552,8 +558,17 @@ impl SourceTask {
             }
             TaskKind::Transcribe | TaskKind::Summarize if job.class == JobClass::Text => {
                 if self.summary_windows.is_empty() {
-                    self.feed
-                        .emit(0.0, Some(job.end), Body::TextSummary { text });
+                    let (frames, lines) = self.summary_inputs;
+                    self.feed.emit(
+                        0.0,
+                        Some(job.end),
+                        Body::TextSummary {
+                            text,
+                            windows: self.summary_total as u32,
+                            frames: frames as u32,
+                            transcript_lines: lines as u32,
+                        },
+                    );
                     None
                 } else {
                     tracing::info!(source = %self.name, until = job.end, summary = %text, "Running summary.");

@@ -352,6 +352,9 @@ fn sse_delivers_filtered_events_and_stops_when_the_client_leaves() {
         None,
         Body::TextSummary {
             text: "a summary".into(),
+            windows: 1,
+            frames: 0,
+            transcript_lines: 1,
         },
     ));
     r.events.emit(alert("c", "Is someone at the door?"));
