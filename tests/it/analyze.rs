@@ -357,6 +357,12 @@ fn long_clip_is_summarized_in_windows_with_a_running_summary() {
         .filter(|e| e["kind"] == "summary" && e.get("text").is_some())
         .collect();
     assert_eq!(s.len(), 1, "{events:?}");
+    // It says what went in: the windows, and the frames and lines across them.
+    assert_eq!(s[0]["windows"], windows.len(), "{:?}", s[0]);
+    let frames: f64 = windows.iter().map(|w| field(w, "frames")).sum();
+    let lines: f64 = windows.iter().map(|w| field(w, "lines")).sum();
+    assert_eq!(s[0]["frames"].as_f64(), Some(frames), "{:?}", s[0]);
+    assert_eq!(s[0]["transcript_lines"].as_f64(), Some(lines), "{:?}", s[0]);
 }
 
 fn mmss_short(t: f64) -> String {
