@@ -187,7 +187,8 @@ pub fn measure(a: &ClipBenchArgs, stop: Arc<AtomicBool>) -> anyhow::Result<serde
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
     }
-    let result = crate::analyze::analyze_with(cfg, std::slice::from_ref(&clip), &out, stop, &shared);
+    let result =
+        crate::analyze::analyze_with(cfg, std::slice::from_ref(&clip), &out, stop, &shared);
     let wall_s = started.elapsed().as_secs_f64();
     shared.dispatch.close();
     let _ = handle.join();

@@ -48,6 +48,15 @@ fn all_logits(m: &TextModel, ids: &[u32]) -> Vec<Vec<f32>> {
         .unwrap()
 }
 
+fn greedy(input_ids: Vec<u32>, soft: SoftTokens, max_new_tokens: usize) -> Request {
+    Request {
+        input_ids,
+        soft,
+        max_new_tokens,
+        sampling: Sampling::default(),
+    }
+}
+
 /// A synthetic RGB image with some structure.
 fn image(w: usize, h: usize, seed: u8) -> RgbImage {
     let data = (0..w * h * 3)
@@ -280,6 +289,62 @@ fn batch_of_two_matches_single_runs_with_media() {
     assert_eq!(batch[0].output_ids, sa[0].output_ids);
     assert_eq!(batch[1].output_ids, sb[0].output_ids);
     assert_eq!(batch[0].output_ids.len(), 6);
+}
+
+/// Attention in blocks of query rows (what bounds a long prompt's score buffers) computes
+/// the same as one block: here one row per block, with an image (bidirectional block mask),
+/// audio and a batch of two with different lengths.
+#[test]
+fn attention_in_query_blocks_matches_one_block() {
+    // In float64, so that only a real difference (not f32 summation order) shows.
+    let mut g = Gemma4::load_dir(
+        &tiny("u-qblocks", &TinySpec::unified()),
+        &LoadOptions {
+            dtype: candle_core::DType::F64,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let enc = TowerEncoder::new(70);
+    let img = enc.encode_rgb(&g, &image(100, 60, 5), 70).unwrap();
+    let aud = enc.encode_samples(&g, &vec![0.1f32; 2000]).unwrap();
+    let ph = g.placeholders();
+    let mut ids = prompt(4);
+    ids.extend(std::iter::repeat_n(ph.image, img.dim(0).unwrap()));
+    ids.extend(prompt(3));
+    ids.extend(std::iter::repeat_n(ph.audio, aud.dim(0).unwrap()));
+    ids.extend(prompt(2));
+    let soft = SoftTokens {
+        images: vec![img],
+        videos: vec![],
+        audios: vec![aud],
+    };
+    let (a, b) = (
+        greedy(ids.clone(), soft.clone(), 6),
+        greedy(prompt(11), SoftTokens::default(), 5),
+    );
+    let whole = g
+        .prompt_logits(&ids, &soft)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let gen_whole = g
+        .generate(&[a.clone(), b.clone()], 64, &mut |_, _| {})
+        .unwrap();
+    g.text.set_score_block_bytes(1);
+    let rows = g
+        .prompt_logits(&ids, &soft)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let gen_rows = g.generate(&[a, b], 64, &mut |_, _| {}).unwrap();
+    assert_eq!(whole.len(), ids.len());
+    for (q, (x, y)) in whole.iter().zip(&rows).enumerate() {
+        let d = max_diff(x, y);
+        assert!(d < 1e-6, "row {q}: {d}");
+    }
+    assert_eq!(gen_whole[0].output_ids, gen_rows[0].output_ids);
+    assert_eq!(gen_whole[1].output_ids, gen_rows[1].output_ids);
 }
 
 #[test]
@@ -550,4 +615,24 @@ fn live_pipeline_requests_work_on_the_unified_model() {
     assert_eq!(count(ph.audio), 25);
     let out = g.generate(&[req], 16, &mut |_, _| {}).unwrap();
     assert!(!out[0].output_ids.is_empty());
+}
+
+/// A prompt that cannot fit the context is refused before any prefill, in one line.
+#[test]
+fn prompt_past_max_context_is_refused_up_front() {
+    let g = Gemma4::load_dir(
+        &tiny("u-ctx", &TinySpec::unified()),
+        &LoadOptions {
+            max_context: 16,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let r = greedy(prompt(16), SoftTokens::default(), 4);
+    let e = g.generate(&[r], 4, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(
+        e.contains("prompt of 16 tokens does not fit max_context 16"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "{e}");
 }

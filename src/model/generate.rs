@@ -146,6 +146,15 @@ pub fn generate_batch(
         if r.input_ids.is_empty() {
             return Err(ModelError::Request("empty prompt".into()));
         }
+        // Refused before any work: the decoder would otherwise find out at the prefill chunk
+        // that crosses the limit, possibly many minutes in.
+        if r.input_ids.len() >= model.max_context() {
+            return Err(ModelError::Request(format!(
+                "prompt of {} tokens does not fit max_context {} (with room for one answer token)",
+                r.input_ids.len(),
+                model.max_context()
+            )));
+        }
         let pe = embed_prompt(model, &r.input_ids, &r.soft, &opts.placeholders)?;
         act.push(Active {
             cache: model.new_cache(),

@@ -302,6 +302,8 @@ pub struct TextModel {
     dtype: DType,
     max_context: usize,
     vision_mask: VisionMask,
+    /// Most bytes of f32 attention scores per block of query rows (`SCORE_BLOCK_BYTES`).
+    score_block_bytes: usize,
 }
 
 /// How image/video tokens of one block attend to each other
@@ -478,6 +480,7 @@ impl TextModel {
             } else {
                 VisionMask::Causal
             },
+            score_block_bytes: SCORE_BLOCK_BYTES,
         })
     }
 
@@ -513,6 +516,12 @@ impl TextModel {
 
     /// Chooses the vision mask variant (the architecture decides; see [`VisionMask`]). A
     /// config without `use_bidirectional_attention = "vision"` stays causal.
+    /// Caps the f32 attention scores of one block of query rows (default 64 MiB); smaller
+    /// caps trade speed for peak memory, and tests use them to cut prompts into many blocks.
+    pub fn set_score_block_bytes(&mut self, bytes: usize) {
+        self.score_block_bytes = bytes.max(1);
+    }
+
     pub fn set_vision_mask(&mut self, mask: VisionMask) {
         if self.vision_mask != VisionMask::Causal {
             self.vision_mask = mask;
@@ -917,19 +926,12 @@ impl TextModel {
             segments.iter().zip(rows.iter()).zip(kv_views.iter())
         {
             let lq = r.positions.len();
-            if lq == 0 {
-                continue;
-            }
             let lk = kv_k.dim(1)?;
-            let qs = q
-                .narrow(0, r.start, lq)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((nkv, groups * lq, hd))?;
-            let scores = qs.matmul(&kv_k.t()?)?; // scaling = 1.0
-            let scores = scores
-                .to_dtype(upcast_dtype(scores.dtype()))?
-                .reshape((nkv, groups, lq, lk))?;
+            // Query rows in blocks whose f32 scores stay within score_block_bytes: a long
+            // prompt's 1024-row chunk against 7,000 cached keys is 470 MB of scores per
+            // layer, held two or three times over (mask added, softmax), on a model that
+            // must fit in 11 GB.
+            let block = (self.score_block_bytes / (nh * lk.max(1) * 4)).max(1);
             let block_ids = match self.vision_mask {
                 VisionMask::Causal => None,
                 VisionMask::WindowedBlock => (spec.layer_type == LayerType::SlidingAttention)
@@ -937,28 +939,40 @@ impl TextModel {
                     .flatten(),
                 VisionMask::BlockEverywhere => s.block_ids.as_deref(),
             };
-            let scores = match build_mask(
-                &r.positions,
-                *first_pos,
-                lk,
-                spec.sliding_window,
-                block_ids,
-                self.vision_mask == VisionMask::BlockEverywhere,
-                s.cache.pos,
-                &self.device,
-            )? {
-                Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
-                None => scores,
-            };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?
-                .to_dtype(kv_v.dtype())?
-                .reshape((nkv, groups * lq, lk))?;
-            let o = probs.matmul(kv_v)?; // [nkv, g*lq, hd]
-            let o = o
-                .reshape((nh, lq, hd))?
-                .transpose(0, 1)?
-                .reshape((lq, nh * hd))?;
-            outs.push(o);
+            for b0 in (0..lq).step_by(block) {
+                let n = block.min(lq - b0);
+                let qs = q
+                    .narrow(0, r.start + b0, n)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((nkv, groups * n, hd))?;
+                let scores = qs.matmul(&kv_k.t()?)?; // scaling = 1.0
+                let scores = scores
+                    .to_dtype(upcast_dtype(scores.dtype()))?
+                    .reshape((nkv, groups, n, lk))?;
+                let scores = match build_mask(
+                    &r.positions[b0..b0 + n],
+                    *first_pos,
+                    lk,
+                    spec.sliding_window,
+                    block_ids,
+                    self.vision_mask == VisionMask::BlockEverywhere,
+                    s.cache.pos,
+                    &self.device,
+                )? {
+                    Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+                    None => scores,
+                };
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?
+                    .to_dtype(kv_v.dtype())?
+                    .reshape((nkv, groups * n, lk))?;
+                let o = probs.matmul(kv_v)?; // [nkv, g*n, hd]
+                let o = o
+                    .reshape((nh, n, hd))?
+                    .transpose(0, 1)?
+                    .reshape((n, nh * hd))?;
+                outs.push(o);
+            }
         }
         if matches!(spec.kv, KvSource::Own) {
             produced[li] = Some(kv_views);
@@ -972,6 +986,10 @@ impl TextModel {
         a.o_proj.forward(&o.to_dtype(x.dtype())?)
     }
 }
+
+/// Most bytes of f32 attention scores one block of query rows may take by default (see
+/// `TextModel::attention`); decode steps and short prompts are one block.
+const SCORE_BLOCK_BYTES: usize = 64 << 20;
 
 /// `x * cos + rotate_half(x) * sin` for `x: [rows, heads, hd]`, `cos/sin: [rows, hd]`.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {

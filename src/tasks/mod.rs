@@ -437,7 +437,8 @@ impl SourceTask {
         let budget = summary::WindowBudget {
             context_tokens: self.env.context,
             answer_tokens: SUMMARY_TOKENS,
-            frame_tokens: VIDEO_FRAME_TOKENS,
+            frame_tokens: VIDEO_FRAME_TOKENS + summary::FRAME_TEXT_TOKENS,
+            prompt_tokens: summary::prompt_tokens(&self.env.prompts.summarize),
             max_seconds: self.env.captions.summary_window_seconds,
         };
         let windows = summary::plan(&self.clip_frames, &self.transcript, end, &budget);

@@ -14,8 +14,19 @@ use crate::ingest::VideoFrame;
 
 /// Spacing of the frames kept for the summary (1 fps, the seed's demonstration rate).
 pub const SUMMARY_FRAME_SECONDS: f64 = 1.0;
-/// Tokens reserved in each window for the prompt text around the media and lines.
-const PROMPT_OVERHEAD_TOKENS: usize = 64;
+/// Bytes of the text a window's prompt adds around the task's own prompt (the part header,
+/// the carried-summary preamble, the chat template's turn markers), rounded up.
+const PROMPT_TEXT_BYTES: usize = 320;
+/// Text tokens around each frame's soft tokens: its `mm:ss ` stamp (6 bytes), the image
+/// start and end markers and the joining space (see `tokenizer::video_expansion`).
+pub const FRAME_TEXT_TOKENS: usize = 9;
+
+/// Tokens reserved for a window's prompt text: its bytes, an upper bound for any
+/// byte-fallback tokenizer (a 12B summary window once overflowed an 8192-token context when
+/// this was a flat 64 and frames were counted without their stamps).
+pub fn prompt_tokens(task_prompt: &str) -> usize {
+    task_prompt.len() + PROMPT_TEXT_BYTES
+}
 
 /// How big a summary window may be.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -24,8 +35,10 @@ pub struct WindowBudget {
     pub context_tokens: usize,
     /// Tokens of the answer (the summary carried into the next window).
     pub answer_tokens: usize,
-    /// Soft tokens per frame.
+    /// Tokens per frame: soft tokens and [`FRAME_TEXT_TOKENS`].
     pub frame_tokens: usize,
+    /// Tokens of the prompt text (see [`prompt_tokens`]).
+    pub prompt_tokens: usize,
     /// Longest window, media seconds.
     pub max_seconds: f64,
 }
@@ -35,7 +48,7 @@ impl WindowBudget {
     /// carried summary (at most one answer long) and the prompt text.
     pub fn media_tokens(&self) -> usize {
         self.context_tokens
-            .saturating_sub(2 * self.answer_tokens + PROMPT_OVERHEAD_TOKENS)
+            .saturating_sub(2 * self.answer_tokens + self.prompt_tokens)
             .max(self.frame_tokens)
     }
 }
@@ -200,6 +213,7 @@ mod tests {
             context_tokens: 4096,
             answer_tokens: 256,
             frame_tokens: 70,
+            prompt_tokens: 64,
             max_seconds: 120.0,
         };
         let w = plan(&frames, &lines, 300.0, &b);
