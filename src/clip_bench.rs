@@ -15,22 +15,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use clap::Args;
 
 use crate::config::Config;
-use crate::control::{LiveBoard, ModelStatus};
-use crate::engine::Engine;
-use crate::metrics::Metrics;
+use crate::control::ModelStatus;
 use crate::model::layers::Quant;
 use crate::model::loader::{ModelFiles, Weights};
 use crate::model::text::LoadOptions;
 use crate::model::Gemma4;
 use crate::pipeline_bench::write_model_dir;
 use crate::run::SharedModel;
-use crate::tasks::dispatch::Dispatch;
 
 #[derive(Debug, Args)]
 pub struct ClipBenchArgs {
@@ -67,16 +63,7 @@ pub struct ClipBenchArgs {
 }
 
 fn proc_status_gib(key: &str) -> f64 {
-    let kib = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
-    kib as f64 / (1u64 << 20) as f64
+    crate::model::bench::proc_status_kib(key).unwrap_or(0) as f64 / (1u64 << 20) as f64
 }
 
 const SPEECH_TEXT: &str = "The field station recorded the river for three days. In the \
@@ -131,27 +118,6 @@ pub fn make_clip(out: &Path, seconds: f64, speech: Option<&Path>) -> anyhow::Res
     Ok(clip)
 }
 
-/// Serves `model` on a thread until the dispatch closes.
-fn serve(model: Gemma4, cfg: &Config, load_s: f64) -> (SharedModel, JoinHandle<Gemma4>) {
-    let shared = SharedModel {
-        dispatch: Arc::new(Dispatch::default()),
-        live: Arc::new(LiveBoard::default()),
-        metrics: Arc::new(Metrics::new()),
-    };
-    shared.live.set_model(ModelStatus::Ready {
-        id: cfg.model.id.clone(),
-        load_seconds: load_s,
-    });
-    let engine = Engine {
-        cfg: cfg.model.clone(),
-        dispatch: shared.dispatch.clone(),
-        live: shared.live.clone(),
-        metrics: shared.metrics.clone(),
-    };
-    let handle = std::thread::spawn(move || engine.serve(model));
-    (shared, handle)
-}
-
 /// Runs the benchmark and returns its figures.
 pub fn measure(a: &ClipBenchArgs, stop: Arc<AtomicBool>) -> anyhow::Result<serde_json::Value> {
     let clip = match &a.clip {
@@ -180,7 +146,11 @@ pub fn measure(a: &ClipBenchArgs, stop: Arc<AtomicBool>) -> anyhow::Result<serde
     let load_s = t0.elapsed().as_secs_f64();
     let peak_load = proc_status_gib("VmHWM:");
     tracing::info!(arch = %a.arch, quant = a.quant.as_str(), load_s, "Random weights loaded.");
-    let (shared, handle) = serve(model, &cfg, load_s);
+    let (shared, handle) = SharedModel::serve(model, &cfg.model);
+    shared.live.set_model(ModelStatus::Ready {
+        id: cfg.model.id.clone(),
+        load_seconds: load_s,
+    });
     let started = Instant::now();
     let out = a.out.join("analysis");
     // A previous run's finished analysis would be skipped, not measured.

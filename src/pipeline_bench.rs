@@ -15,9 +15,6 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::config::{Config, SourceConfig, TaskKind};
-use crate::control::LiveBoard;
-use crate::engine::Engine;
-use crate::metrics::Metrics;
 use crate::model::bench::{real_text_config, GEMMA4_12B_CONFIG};
 use crate::model::layers::Quant;
 use crate::model::loader::{ModelFiles, Weights};
@@ -25,7 +22,6 @@ use crate::model::testing::{tiny_tokenizer_json, tiny_vocab_size, GEMMA4_CHAT_TE
 use crate::model::text::LoadOptions;
 use crate::model::Gemma4;
 use crate::run::{self, Overrides, RunExtras, SharedModel};
-use crate::tasks::dispatch::Dispatch;
 
 #[derive(Debug, Args)]
 pub struct PipelineBenchArgs {
@@ -153,18 +149,7 @@ pub fn run(a: &PipelineBenchArgs) -> anyhow::Result<()> {
                 s
             })
             .collect();
-        let shared = SharedModel {
-            dispatch: Arc::new(Dispatch::default()),
-            live: Arc::new(LiveBoard::default()),
-            metrics: Arc::new(Metrics::new()),
-        };
-        let engine = Engine {
-            cfg: cfg.model.clone(),
-            dispatch: shared.dispatch.clone(),
-            live: shared.live.clone(),
-            metrics: shared.metrics.clone(),
-        };
-        let handle = std::thread::spawn(move || engine.serve(model));
+        let (shared, handle) = SharedModel::serve(model, &cfg.model);
         let stop = Arc::new(AtomicBool::new(false));
         let timer = {
             let stop = stop.clone();

@@ -206,24 +206,45 @@ pub struct SharedModel {
 }
 
 impl SharedModel {
+    fn new() -> SharedModel {
+        SharedModel {
+            dispatch: Arc::new(Dispatch::default()),
+            live: Arc::new(LiveBoard::default()),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    fn engine(&self, cfg: &crate::config::ModelConfig) -> Engine {
+        Engine {
+            cfg: cfg.clone(),
+            dispatch: self.dispatch.clone(),
+            live: self.live.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// Starts the model thread (loading in the background).
     pub fn start(
         cfg: &crate::config::ModelConfig,
     ) -> Result<(SharedModel, JoinHandle<()>), RunError> {
-        let m = SharedModel {
-            dispatch: Arc::new(Dispatch::default()),
-            live: Arc::new(LiveBoard::default()),
-            metrics: Arc::new(Metrics::new()),
-        };
-        let h = Engine {
-            cfg: cfg.clone(),
-            dispatch: m.dispatch.clone(),
-            live: m.live.clone(),
-            metrics: m.metrics.clone(),
-        }
-        .spawn()
-        .map_err(|e| RunError::Gst(format!("cannot start the model thread: {e}")))?;
+        let m = SharedModel::new();
+        let h = m
+            .engine(cfg)
+            .spawn()
+            .map_err(|e| RunError::Gst(format!("cannot start the model thread: {e}")))?;
         Ok((m, h))
+    }
+
+    /// Serves an already loaded model on a thread until the dispatch closes; the thread
+    /// gives the model back (the benchmarks build random-weight models themselves and reuse
+    /// one across runs).
+    pub fn serve(
+        model: crate::model::Gemma4,
+        cfg: &crate::config::ModelConfig,
+    ) -> (SharedModel, JoinHandle<crate::model::Gemma4>) {
+        let m = SharedModel::new();
+        let engine = m.engine(cfg);
+        (m, std::thread::spawn(move || engine.serve(model)))
     }
 }
 

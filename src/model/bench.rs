@@ -109,7 +109,8 @@ pub fn real_config(arch: &str) -> anyhow::Result<Gemma4Config> {
     }
 }
 
-fn proc_status_kib(key: &str) -> Option<u64> {
+/// A `/proc/self/status` figure in KiB (`VmRSS:`, `VmHWM:`).
+pub fn proc_status_kib(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     s.lines()
         .find(|l| l.starts_with(key))
