@@ -21,6 +21,7 @@ pub mod multimodal;
 pub mod q4k_avx512;
 pub mod qmm;
 pub mod quant_study;
+pub mod subnormal;
 pub mod testing;
 pub mod text;
 pub mod tokenizer;

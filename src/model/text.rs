@@ -701,6 +701,7 @@ impl TextModel {
         // thread sleeping through each one and being woken after it (~300 hand-offs per
         // decoded token on E2B), and no idle worker spins against the serial work between
         // them.
+        super::subnormal::flush_to_zero();
         rayon::scope(|_| self.forward_inner(embeds, ple, segments, None))
     }
 
