@@ -8,18 +8,17 @@
 //! probability is below 2^-126 of its row's sum of 1 and vanishes from any f32 sum it joins,
 //! so flushing changes nothing the decoder can represent; GPUs flush by default.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+static BROADCAST: std::sync::Once = std::sync::Once::new();
 
-static BROADCAST: AtomicBool = AtomicBool::new(false);
-
-/// Sets FTZ/DAZ on this thread and, the first time it is called from outside the rayon pool,
-/// on every thread of rayon's global pool (where candle's and gemm's parallel loops run).
-/// Nobody waits for another caller's broadcast, so a call from inside a pool job cannot
-/// deadlock; a forward that races the first broadcast merely runs partly unflushed.
+/// Sets FTZ/DAZ on this thread and, once, on every thread of rayon's global pool (where
+/// candle's and gemm's parallel loops run). Only callers outside the pool broadcast or wait
+/// for the broadcast: a pool thread waiting on it could hold up the very job it waits for.
 pub fn flush_to_zero() {
     flush_this_thread();
-    if rayon::current_thread_index().is_none() && !BROADCAST.swap(true, Ordering::AcqRel) {
-        rayon::broadcast(|_| flush_this_thread());
+    if rayon::current_thread_index().is_none() {
+        BROADCAST.call_once(|| {
+            rayon::broadcast(|_| flush_this_thread());
+        });
     }
 }
 
