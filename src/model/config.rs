@@ -607,8 +607,9 @@ pub struct Gemma4Config {
     pub video_token_id: u32,
     #[serde(default = "t_boa")]
     pub boa_token_id: u32,
-    /// Upstream spells it `eoa_token_index`; some configs write `eoa_token_id`.
-    #[serde(default = "t_eoa", alias = "eoa_token_id")]
+    /// Upstream spells it `eoa_token_index`; the published configs also carry
+    /// `eoa_token_id` (reconciled in [`reconcile_spellings`] before deserializing).
+    #[serde(default = "t_eoa")]
     pub eoa_token_index: u32,
     #[serde(default = "t_audio")]
     pub audio_token_id: u32,
@@ -729,6 +730,35 @@ fn t_audio() -> u32 {
     258_881
 }
 
+/// Fields that published configs spell two ways: (the name percept reads, the other one).
+const TOP_LEVEL_SPELLINGS: &[(&str, &str)] = &[("eoa_token_index", "eoa_token_id")];
+
+/// Folds each second spelling into the first: the published `google/gemma-4-E2B-it` config
+/// carries both `eoa_token_index` and `eoa_token_id`, which serde would otherwise see as one
+/// field given twice. Both present with different values is an error naming both.
+fn reconcile_spellings(v: &mut serde_json::Value, path: &str) -> Result<(), ConfigError> {
+    let Some(obj) = v.as_object_mut() else {
+        return Ok(());
+    };
+    for (name, other) in TOP_LEVEL_SPELLINGS {
+        let Some(second) = obj.remove(*other) else {
+            continue;
+        };
+        match obj.get(*name) {
+            Some(first) if *first != second => {
+                return Err(ConfigError::Invalid(format!(
+                    "{path}: {name} = {first} and {other} = {second} disagree; they name the same token"
+                )))
+            }
+            Some(_) => {}
+            None => {
+                obj.insert((*name).to_string(), second);
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Gemma4Config {
     /// Parses a `config.json` text. A bare text config (`gemma4_text`) is accepted too and
     /// wrapped with no towers.
@@ -795,6 +825,7 @@ impl Gemma4Config {
                 }
             }
         }
+        reconcile_spellings(&mut v, path)?;
         let mut cfg: Gemma4Config = serde_json::from_value(v).map_err(json_err)?;
         cfg.model_type = Some(arch.model_type().to_string());
         cfg.arch = arch;
@@ -870,6 +901,32 @@ mod tests {
         assert_eq!(
             a.text_config.layer_specs().unwrap(),
             b.text_config.layer_specs().unwrap()
+        );
+    }
+
+    #[test]
+    fn published_form_with_both_eoa_spellings_loads() {
+        let s = base("").replacen(
+            '{',
+            r#"{"eoa_token_id":258883,"eoa_token_index":258883,"_name_or_path":"x","architectures":null,"#,
+            1,
+        );
+        let cfg = Gemma4Config::from_json_str(&s, "t").unwrap();
+        assert_eq!(cfg.eoa_token_index, 258883);
+        let only_id = base("").replacen('{', r#"{"eoa_token_id":7,"#, 1);
+        assert_eq!(
+            Gemma4Config::from_json_str(&only_id, "t")
+                .unwrap()
+                .eoa_token_index,
+            7
+        );
+        let disagree = base("").replacen('{', r#"{"eoa_token_id":7,"eoa_token_index":8,"#, 1);
+        let e = Gemma4Config::from_json_str(&disagree, "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("eoa_token_index") && e.contains("eoa_token_id") && e.contains("cfg.json"),
+            "{e}"
         );
     }
 
