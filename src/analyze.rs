@@ -386,7 +386,7 @@ fn analyze_one(
     }
     let resumed_from = resume.as_ref().map(|r| r.model_from);
     let mut c = cfg.clone();
-    let mut sc = SourceConfig::from_uri(&recording);
+    let mut sc = SourceConfig::from_path(rec);
     sc.name = Some(name.to_string());
     sc.task = TaskKind::Summarize;
     c.sources = vec![sc];

@@ -86,6 +86,10 @@ pub struct SourceConfig {
     /// frames as video (`mm:ss`-stamped, 70 soft tokens each).
     #[serde(default = "one")]
     pub window_frames: u32,
+    /// A recording given as a path (`percept analyze`): opened as that file whatever its
+    /// name looks like (`take=1.wav` is not `name=URI`); `uri` then only names it in logs.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 fn one() -> u32 {
@@ -108,6 +112,15 @@ impl SourceConfig {
             questions: Vec::new(),
             prompt: None,
             window_frames: 1,
+            path: None,
+        }
+    }
+
+    /// A recording file, kept as a path (see [`SourceConfig::path`]).
+    pub fn from_path(path: &std::path::Path) -> SourceConfig {
+        SourceConfig {
+            path: Some(path.to_path_buf()),
+            ..SourceConfig::from_uri(&path.display().to_string())
         }
     }
 }
@@ -152,16 +165,6 @@ impl TaskKind {
         matches!(
             self,
             TaskKind::Watch | TaskKind::Describe | TaskKind::ListenAndLook
-        )
-    }
-
-    pub fn uses_audio(self) -> bool {
-        matches!(
-            self,
-            TaskKind::Caption
-                | TaskKind::ListenAndLook
-                | TaskKind::Transcribe
-                | TaskKind::Summarize
         )
     }
 }
@@ -783,9 +786,10 @@ impl Config {
                 i + 1,
                 s.name.as_deref().unwrap_or("unnamed")
             );
-            match crate::source::parse(&s.uri) {
-                Ok(_) => {}
-                Err(e) => p.push(format!("{at}: {e}")),
+            if s.path.is_none() {
+                if let Err(e) = crate::source::parse(&s.uri) {
+                    p.push(format!("{at}: {e}"));
+                }
             }
             if let Some(fps) = s.fps {
                 if !(fps > 0.0 && fps <= 120.0) {

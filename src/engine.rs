@@ -158,9 +158,7 @@ impl Engine {
             };
             let follow = lock(task).on_answer(job, &answer);
             if let Some(f) = follow {
-                for (j, why) in self.dispatch.offer(f, &|| false) {
-                    lock(task).on_skipped(&j, why);
-                }
+                self.dispatch.offer(task, f, &|| false);
             }
         }
     }

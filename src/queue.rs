@@ -19,6 +19,41 @@ pub enum WhenFull {
     DropNewest,
 }
 
+/// Why media was lost before analysis: the `reason` of `drop` events and of the
+/// `frames_dropped_total` / `audio_seconds_dropped_total` metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The queue held its most items (live video evicts its oldest, live audio refuses the
+    /// newest chunk).
+    QueueFull,
+    /// The byte budget shared by every queue was spent (other sources hold it).
+    Budget,
+    /// Shutting down: queued media past the drain deadline, or pushed after stop.
+    Shutdown,
+    /// The source was removed at runtime with media still queued.
+    SourceRemoved,
+    /// Resuming an interrupted recording: this media was analysed by the earlier run.
+    Resumed,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::Budget => "budget",
+            DropReason::Shutdown => "shutdown",
+            DropReason::SourceRemoved => "source_removed",
+            DropReason::Resumed => "resumed",
+        }
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Bytes queued across every queue of the process, against one limit.
 #[derive(Debug)]
 pub struct ByteBudget {
@@ -79,6 +114,8 @@ impl ByteBudget {
 pub struct QueueStats {
     pub depth: AtomicUsize,
     pub bytes: AtomicUsize,
+    /// The consumer is gone (its source was removed): pushes are refused.
+    closed: AtomicBool,
 }
 
 /// Why a push did not queue its item, or which items it evicted to make room.
@@ -87,9 +124,10 @@ pub enum Pushed<T> {
     Queued,
     /// Queued after evicting these older items (DropOldest).
     QueuedEvicting(Vec<T>),
-    /// Not queued: the queue or the byte budget was full (DropNewest, or an item that fits
-    /// nowhere under DropOldest). The item is handed back for accounting.
-    Rejected(T),
+    /// Not queued: the queue ([`DropReason::QueueFull`], DropNewest) or the byte budget
+    /// ([`DropReason::Budget`]: DropNewest, or DropOldest with nothing of its own to evict)
+    /// was full. The item is handed back for accounting.
+    Rejected(T, DropReason),
     /// Not queued: shutting down or the worker has gone.
     Closed(T),
 }
@@ -148,11 +186,29 @@ impl<T> QueueTx<T> {
         &self.stats
     }
 
-    pub fn policy(&self) -> WhenFull {
-        self.policy
+    pub fn push(&self, item: T, bytes: usize) -> Pushed<T> {
+        if self.stats.closed.load(Ordering::Acquire) {
+            return Pushed::Closed(item);
+        }
+        let pushed = self.push_open(item, bytes);
+        if matches!(pushed, Pushed::Queued | Pushed::QueuedEvicting(_))
+            && self.stats.closed.load(Ordering::Acquire)
+        {
+            // The consumer let go while this item went in: nobody will take it out, so
+            // take back what waits here rather than hold budget bytes for ever.
+            let mut last = None;
+            while let Ok(old) = self.evict.try_recv() {
+                self.account_out(old.bytes);
+                last = Some(old.item);
+            }
+            if let Some(item) = last {
+                return Pushed::Closed(item);
+            }
+        }
+        pushed
     }
 
-    pub fn push(&self, item: T, bytes: usize) -> Pushed<T> {
+    fn push_open(&self, item: T, bytes: usize) -> Pushed<T> {
         let mut evicted = Vec::new();
         let mut slot = Slot { item, bytes };
         // Reserve budget first so the total never exceeds it, even for an instant.
@@ -166,14 +222,14 @@ impl<T> QueueTx<T> {
             }
             match self.policy {
                 WhenFull::Block => std::thread::sleep(Duration::from_millis(2)),
-                WhenFull::DropNewest => return Pushed::Rejected(slot.item),
+                WhenFull::DropNewest => return Pushed::Rejected(slot.item, DropReason::Budget),
                 WhenFull::DropOldest => match self.evict.try_recv() {
                     Ok(old) => {
                         self.account_out(old.bytes);
                         evicted.push(old.item);
                     }
                     // Our queue is empty: the budget is held by other sources' queues.
-                    Err(_) => return Pushed::Rejected(slot.item),
+                    Err(_) => return Pushed::Rejected(slot.item, DropReason::Budget),
                 },
             }
         }
@@ -197,7 +253,7 @@ impl<T> QueueTx<T> {
                     match self.policy {
                         WhenFull::DropNewest => {
                             self.budget.release(bytes);
-                            return Pushed::Rejected(slot.item);
+                            return Pushed::Rejected(slot.item, DropReason::QueueFull);
                         }
                         WhenFull::DropOldest => {
                             if let Ok(old) = self.evict.try_recv() {
@@ -236,6 +292,17 @@ impl<T> QueueTx<T> {
     }
 }
 
+/// The consumer gone (a removed source's queues): what still waits is released from the
+/// byte budget (the worker has counted it as dropped) and later pushes are refused.
+impl<T> Drop for QueueRx<T> {
+    fn drop(&mut self) {
+        self.stats.closed.store(true, Ordering::Release);
+        while let Ok(s) = self.rx.try_recv() {
+            self.accept(s);
+        }
+    }
+}
+
 impl<T> QueueRx<T> {
     /// The channel, for `crossbeam_channel::Select` across many queues. Items received from
     /// it directly must be passed to [`QueueRx::accept`].
@@ -253,10 +320,6 @@ impl<T> QueueRx<T> {
 
     pub fn try_recv(&self) -> Option<T> {
         self.rx.try_recv().ok().map(|s| self.accept(s))
-    }
-
-    pub fn recv_timeout(&self, d: Duration) -> Option<T> {
-        self.rx.recv_timeout(d).ok().map(|s| self.accept(s))
     }
 
     pub fn stats(&self) -> &Arc<QueueStats> {
@@ -309,7 +372,7 @@ mod tests {
         }
         let mut rejected = 0;
         for i in 0..10 {
-            if let Pushed::Rejected(_) = b.push(i, 10) {
+            if let Pushed::Rejected(..) = b.push(i, 10) {
                 rejected += 1;
             }
         }
@@ -317,8 +380,43 @@ mod tests {
         assert_eq!(budget.used(), 100);
         // b may hold 4 items; 6 are in a. b's later pushes evict b's own oldest.
         assert_eq!(rejected, 0);
-        assert!(matches!(a.push(99, 10), Pushed::Rejected(99)));
+        assert!(matches!(
+            a.push(99, 10),
+            Pushed::Rejected(99, DropReason::Budget)
+        ));
         assert_eq!(ra.len(), 6);
+    }
+
+    #[test]
+    fn drop_newest_says_whether_the_queue_or_the_budget_was_full() {
+        let budget = ByteBudget::new(100);
+        let (a, _ra) = bounded::<u32>(2, WhenFull::DropNewest, budget.clone(), stop());
+        assert!(matches!(a.push(1, 10), Pushed::Queued));
+        assert!(matches!(a.push(2, 10), Pushed::Queued));
+        assert!(matches!(
+            a.push(3, 10),
+            Pushed::Rejected(3, DropReason::QueueFull)
+        ));
+        let (b, _rb) = bounded::<u32>(10, WhenFull::DropNewest, budget.clone(), stop());
+        assert!(matches!(
+            b.push(4, 90),
+            Pushed::Rejected(4, DropReason::Budget)
+        ));
+        assert_eq!(budget.used(), 20);
+    }
+
+    /// A removed source's producer may push until its graph stops: nothing it queues after
+    /// the worker let go of the queue may keep budget bytes.
+    #[test]
+    fn a_dropped_consumer_frees_the_budget_and_refuses_pushes() {
+        let budget = ByteBudget::new(1_000);
+        let (tx, rx) = bounded::<u32>(10, WhenFull::DropOldest, budget.clone(), stop());
+        assert!(matches!(tx.push(1, 100), Pushed::Queued));
+        drop(rx);
+        assert_eq!(budget.used(), 0);
+        assert!(matches!(tx.push(2, 100), Pushed::Closed(2)));
+        assert_eq!(budget.used(), 0);
+        assert_eq!(tx.stats().bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]

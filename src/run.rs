@@ -2,7 +2,7 @@
 //! shuts them down in order on EOS, Ctrl-C or SIGTERM.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use crate::progress;
 use crate::queue::{self, ByteBudget, WhenFull};
 use crate::sink::Events;
 use crate::source::{self, Credentials, SourceKind, SourceSpec};
-use crate::tasks::dispatch::{Dispatch, ModelGate};
+use crate::tasks::dispatch::{Dispatch, ModelGate, TaskRef};
 use crate::tasks::{SourceTask, TaskEnv, TaskSpec};
 use crate::worker::{Control, Worker, WorkerSource};
 
@@ -125,6 +125,45 @@ struct Prepared {
     source: SourceConfig,
 }
 
+/// What a source's graph is built from: when a reload changes it, the source restarts.
+#[derive(Debug, Clone, PartialEq)]
+struct GraphKey {
+    /// What to open, with RTSP credentials and transport.
+    kind: SourceKind,
+    fps: f64,
+    max_side: u32,
+    keyframe_only: bool,
+    sync: bool,
+    chunk_seconds: f64,
+    template: Option<String>,
+    decoder_threads: u32,
+}
+
+impl Prepared {
+    fn key(&self) -> GraphKey {
+        let p = &self.params;
+        GraphKey {
+            kind: self.spec.kind.clone(),
+            fps: p.fps,
+            max_side: p.max_side,
+            keyframe_only: p.keyframe_only,
+            sync: p.sync,
+            chunk_seconds: p.chunk_seconds,
+            template: p.custom_template.clone(),
+            decoder_threads: p.decoder_threads,
+        }
+    }
+
+    fn task_spec(&self) -> TaskSpec {
+        TaskSpec {
+            task: self.source.task,
+            questions: self.source.questions.clone(),
+            prompt: self.source.prompt.clone(),
+            window_frames: self.source.window_frames,
+        }
+    }
+}
+
 fn prepare(cfg: &Config) -> Result<Vec<Prepared>, RunError> {
     let mut out = Vec::new();
     for sc in &cfg.sources {
@@ -140,7 +179,15 @@ fn prepare(cfg: &Config) -> Result<Vec<Prepared>, RunError> {
 
 fn prepare_one(cfg: &Config, sc: &SourceConfig) -> Result<Prepared, RunError> {
     {
-        let mut spec = source::parse(&sc.uri).map_err(|e| RunError::Config(e.to_string()))?;
+        let mut spec = match &sc.path {
+            // A recording named by the caller (`percept analyze`), never re-parsed as a URI.
+            Some(path) => SourceSpec {
+                name: sc.name.clone().unwrap_or_else(|| "recording".into()),
+                kind: SourceKind::File(path.clone()),
+                display: path.display().to_string(),
+            },
+            None => source::parse(&sc.uri).map_err(|e| RunError::Config(e.to_string()))?,
+        };
         if let Some(n) = &sc.name {
             spec.name = n.clone();
         }
@@ -260,8 +307,10 @@ pub struct RunExtras {
 /// One source started by this run (kept after it ends, for its summary).
 struct Running {
     spec: SourceSpec,
+    /// What its graph was built from (see [`GraphKey`]).
+    key: GraphKey,
     feed: Arc<Feed>,
-    task: Option<Arc<Mutex<SourceTask>>>,
+    task: Option<TaskRef>,
     handle: Option<JoinHandle<SourceState>>,
     stop: Arc<AtomicBool>,
     state: Option<SourceState>,
@@ -282,11 +331,15 @@ struct Shared {
     dispatch: Arc<Dispatch>,
     env: TaskEnv,
     closing: AtomicBool,
+    /// Reloads restarting sources: the run does not end while one has none running.
+    restarting: AtomicUsize,
     resume: Option<crate::tasks::Resume>,
 }
 
 impl Shared {
-    fn start(&self, p: Prepared) -> Result<(), RunError> {
+    /// Starts a source; the caller adds the returned entry to `sources` (under the same lock
+    /// as its check that the name is free).
+    fn start(&self, p: Prepared) -> Result<Running, RunError> {
         let cfg = lock(&self.cfg).clone();
         let live = p.spec.kind.is_live() || cfg.run.realtime;
         let (vpol, apol) = if live {
@@ -314,19 +367,12 @@ impl Shared {
             self.metrics.clone(),
             self.events.clone(),
         );
-        self.metrics
-            .set_state(&p.spec.name, SourceState::Connecting);
         // Every source gets a task while the model is on (task `none` asks nothing) so its
         // task can change at runtime.
-        let task = cfg.model.enabled.then(|| {
+        let task = if cfg.model.enabled {
             let mut st = SourceTask::new(
                 feed.clone(),
-                TaskSpec {
-                    task: p.source.task,
-                    questions: p.source.questions.clone(),
-                    prompt: p.source.prompt.clone(),
-                    window_frames: p.source.window_frames,
-                },
+                p.task_spec(),
                 p.params.fps,
                 live,
                 self.env.clone(),
@@ -335,9 +381,18 @@ impl Shared {
                 st.resume(r);
             }
             let t = Arc::new(Mutex::new(st));
-            self.dispatch.add_source(&p.spec.name, t.clone(), live);
-            t
-        });
+            if !self.dispatch.add_source(&p.spec.name, t.clone(), live) {
+                return Err(RunError::Config(format!(
+                    "a source named '{}' exists",
+                    p.spec.name
+                )));
+            }
+            Some(t)
+        } else {
+            None
+        };
+        self.metrics
+            .set_state(&p.spec.name, SourceState::Connecting);
         let _ = self.ctl_tx.send(Control::Add(WorkerSource {
             feed: feed.clone(),
             video: vrx,
@@ -347,6 +402,7 @@ impl Shared {
         }));
         tracing::info!(source = %p.spec.name, uri = %p.spec.display, fps = p.params.fps, task = p.source.task.as_str(), "Starting source.");
         let stop = Arc::new(AtomicBool::new(false));
+        let key = p.key();
         let sup = Supervisor {
             spec: p.spec.clone(),
             params: p.params,
@@ -361,16 +417,16 @@ impl Shared {
             .name(format!("src-{}", p.spec.name))
             .spawn(move || sup.run())
             .map_err(|e| RunError::Gst(format!("cannot start source thread: {e}")))?;
-        lock(&self.sources).push(Running {
+        Ok(Running {
             spec: p.spec,
+            key,
             feed,
             task,
             handle: Some(h),
             stop,
             state: None,
             removed: false,
-        });
-        Ok(())
+        })
     }
 
     fn info(&self, r: &Running) -> SourceInfo {
@@ -422,6 +478,157 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Adds a source from its full config (the control API and reloads). The name check and
+    /// the insert happen under one lock: of two requests for one name, the second gets 409.
+    fn add_config(&self, sc: SourceConfig) -> Result<SourceInfo, ControlError> {
+        if self.closing.load(Ordering::Relaxed) {
+            return Err(ControlError::ShuttingDown);
+        }
+        let mut cfg = lock(&self.cfg).clone();
+        cfg.sources = vec![sc.clone()];
+        let problems = cfg.validate();
+        if !problems.is_empty() {
+            return Err(ControlError::Invalid(problems.join("; ")));
+        }
+        let p = prepare_one(&cfg, &sc).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let name = p.spec.name.clone();
+        let mut sources = lock(&self.sources);
+        if sources.iter().any(|r| r.spec.name == name && !r.removed) {
+            return Err(ControlError::Conflict(format!(
+                "a source named '{name}' exists"
+            )));
+        }
+        let r = self
+            .start(p)
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let info = self.info(&r);
+        sources.push(r);
+        Ok(info)
+    }
+
+    /// Waits (a bounded time) until a removed source's thread has ended, so a source
+    /// restarted under the same name does not see the old one's last state land after its
+    /// own first.
+    fn wait_stopped(&self, name: &str) {
+        let t0 = Instant::now();
+        loop {
+            let done = lock(&self.sources)
+                .iter()
+                .filter(|r| r.spec.name == name && r.removed)
+                .all(|r| r.handle.as_ref().is_none_or(JoinHandle::is_finished));
+            if done {
+                return;
+            }
+            if t0.elapsed() > RESTART_WAIT {
+                tracing::warn!(source = %name, "The source's old graph is still stopping; starting the new one anyway.");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Applies the sources of a fresh config: sources no longer listed are removed, new ones
+    /// added, those whose graph changed (URI, fps, credentials, transport, template, ...)
+    /// restarted, the others retasked in place. Names are derived and deduplicated as at
+    /// startup. A source that cannot be applied does not stop the others; every failure is
+    /// returned.
+    fn reload_sources(&self, fresh: &Config) -> Vec<String> {
+        let mut failures = Vec::new();
+        let mut wanted: Vec<SourceConfig> = Vec::new();
+        let mut specs: Vec<SourceSpec> = Vec::new();
+        for sc in &fresh.sources {
+            match source::parse(&sc.uri) {
+                Ok(mut spec) => {
+                    if let Some(n) = &sc.name {
+                        spec.name = n.clone();
+                    }
+                    specs.push(spec);
+                    wanted.push(sc.clone());
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        source::dedupe_names(&mut specs);
+        for (sc, spec) in wanted.iter_mut().zip(&specs) {
+            sc.name = Some(spec.name.clone());
+        }
+        let current: Vec<(String, GraphKey)> = lock(&self.sources)
+            .iter()
+            .filter(|r| !r.removed)
+            .map(|r| (r.spec.name.clone(), r.key.clone()))
+            .collect();
+        for (name, _) in &current {
+            if !wanted
+                .iter()
+                .any(|sc| sc.name.as_deref() == Some(name.as_str()))
+            {
+                let _ = self.remove(name);
+            }
+        }
+        for sc in wanted {
+            let name = sc.name.clone().unwrap_or_default();
+            let mut failed = |e: &dyn std::fmt::Display| {
+                let e = one_line(&e.to_string());
+                tracing::error!(source = %name, error = %e, "Reload: source not applied.");
+                failures.push(if e.contains(&format!("'{name}'")) {
+                    e
+                } else {
+                    format!("source '{name}': {e}")
+                });
+            };
+            let Some((_, key)) = current.iter().find(|(n, _)| *n == name) else {
+                if let Err(e) = self.add_config(sc) {
+                    failed(&e);
+                }
+                continue;
+            };
+            let p = match prepare_one(fresh, &sc) {
+                Ok(p) => p,
+                Err(e) => {
+                    failed(&e);
+                    continue;
+                }
+            };
+            if p.key() != *key {
+                tracing::info!(source = %name, uri = %p.spec.display, "Source changed; restarting it.");
+                self.restarting.fetch_add(1, Ordering::SeqCst);
+                let _ = self.remove(&name);
+                self.wait_stopped(&name);
+                let added = self.add_config(sc);
+                self.restarting.fetch_sub(1, Ordering::SeqCst);
+                if let Err(e) = added {
+                    failed(&e);
+                }
+            } else if let Err(e) = self.retask(&name, p.task_spec()) {
+                failed(&e);
+            }
+        }
+        failures
+    }
+
+    /// A reload's task settings for a running source (kept when they did not change).
+    fn retask(&self, name: &str, spec: TaskSpec) -> Result<(), ControlError> {
+        let sources = lock(&self.sources);
+        let Some(r) = sources.iter().find(|r| r.spec.name == name && !r.removed) else {
+            return Err(ControlError::NotFound(name.to_string()));
+        };
+        // Without the model (`[model] enabled = false`) there is no task to change.
+        let Some(t) = &r.task else {
+            return Ok(());
+        };
+        let mut g = lock(t);
+        if g.spec != spec {
+            tracing::info!(source = %name, task = spec.task.as_str(), questions = spec.questions.len(), "Task changed.");
+            g.set_spec(spec);
+        }
+        Ok(())
+    }
+}
+
+/// How long a reload waits for a restarted source's old graph to stop.
+const RESTART_WAIT: Duration = Duration::from_secs(10);
+
 impl ControlApi for Shared {
     fn list(&self) -> Vec<SourceInfo> {
         lock(&self.sources)
@@ -432,40 +639,13 @@ impl ControlApi for Shared {
     }
 
     fn add(&self, req: AddSource) -> Result<SourceInfo, ControlError> {
-        if self.closing.load(Ordering::Relaxed) {
-            return Err(ControlError::ShuttingDown);
-        }
         let mut sc = SourceConfig::from_uri(&req.uri);
         sc.name = req.name;
         sc.fps = req.fps;
         sc.task = req.task.unwrap_or_default();
         sc.questions = req.questions;
         sc.prompt = req.prompt;
-        let mut cfg = lock(&self.cfg).clone();
-        cfg.sources = vec![sc.clone()];
-        let problems = cfg.validate();
-        if !problems.is_empty() {
-            return Err(ControlError::Invalid(problems.join("; ")));
-        }
-        let p = prepare_one(&cfg, &sc).map_err(|e| ControlError::Invalid(e.to_string()))?;
-        let name = p.spec.name.clone();
-        if lock(&self.sources)
-            .iter()
-            .any(|r| r.spec.name == name && !r.removed)
-        {
-            return Err(ControlError::Conflict(format!(
-                "a source named '{name}' exists"
-            )));
-        }
-        self.start(p)
-            .map_err(|e| ControlError::Invalid(e.to_string()))?;
-        let sources = lock(&self.sources);
-        let r = sources
-            .iter()
-            .rev()
-            .find(|r| r.spec.name == name)
-            .ok_or_else(|| ControlError::NotFound(name.clone()))?;
-        Ok(self.info(r))
+        self.add_config(sc)
     }
 
     fn remove(&self, name: &str) -> Result<(), ControlError> {
@@ -479,11 +659,7 @@ impl ControlApi for Shared {
         self.env.live_board.remove_source(name);
         tracing::info!(source = %name, "Removing source.");
         let _ = self.ctl_tx.send(Control::Remove(name.to_string()));
-        for (j, why) in self.dispatch.remove_source(name) {
-            if let Some(t) = &r.task {
-                lock(t).on_skipped(&j, why);
-            }
-        }
+        self.dispatch.remove_source(name);
         Ok(())
     }
 
@@ -507,45 +683,19 @@ impl ControlApi for Shared {
             Config::load(path).map_err(|e| ControlError::Invalid(one_line(&e.to_string())))?;
         let fresh = merge(fresh, &self.overrides);
         tracing::info!(config = %path.display(), "Reloading the config.");
+        // Sources added or restarted now are built with the fresh settings.
+        *lock(&self.cfg) = fresh.clone();
         // Sources: the file's list wins unless --source flags replaced it.
         if self.overrides.sources.is_empty() {
-            let wanted: Vec<SourceConfig> = fresh.sources.clone();
-            let current: Vec<String> = self.list().into_iter().map(|s| s.name).collect();
-            let named = |sc: &SourceConfig| {
-                sc.name
-                    .clone()
-                    .or_else(|| source::parse(&sc.uri).ok().map(|s| s.name))
-                    .unwrap_or_default()
-            };
-            for name in &current {
-                if !wanted.iter().any(|sc| &named(sc) == name) {
-                    let _ = self.remove(name);
-                }
-            }
-            for sc in wanted {
-                let name = named(&sc);
-                if current.contains(&name) {
-                    let _ = self.set_task(
-                        &name,
-                        TaskUpdate {
-                            task: Some(sc.task),
-                            questions: Some(sc.questions.clone()),
-                            prompt: Some(sc.prompt.clone().unwrap_or_default()),
-                        },
-                    );
-                } else {
-                    self.add(AddSource {
-                        name: sc.name.clone(),
-                        uri: sc.uri.clone(),
-                        task: Some(sc.task),
-                        questions: sc.questions.clone(),
-                        prompt: sc.prompt.clone(),
-                        fps: sc.fps,
-                    })?;
-                }
+            let failures = self.reload_sources(&fresh);
+            if !failures.is_empty() {
+                return Err(ControlError::Invalid(format!(
+                    "reloaded except {} source(s): {}",
+                    failures.len(),
+                    failures.join("; ")
+                )));
             }
         }
-        *lock(&self.cfg) = fresh;
         Ok(())
     }
 }
@@ -661,6 +811,7 @@ pub fn run_with(
         dispatch: dispatch.clone(),
         env,
         closing: AtomicBool::new(false),
+        restarting: AtomicUsize::new(0),
         resume: extras.resume.clone(),
     });
     let _server = if cfg.http.enabled {
@@ -682,7 +833,8 @@ pub fn run_with(
     };
     let started = Instant::now();
     for p in prepared {
-        shared.start(p)?;
+        let r = shared.start(p)?;
+        lock(&shared.sources).push(r);
     }
     let feeds: Vec<Arc<Feed>> = lock(&shared.sources)
         .iter()
@@ -694,7 +846,7 @@ pub fn run_with(
         let stopping = stop.load(Ordering::Relaxed);
         if reload.swap(false, Ordering::Relaxed) && !stopping {
             if let Err(e) = shared.reload() {
-                tracing::error!(error = %e, "Reload failed; the running config is kept.");
+                tracing::error!(error = %e, "Reload failed.");
             }
         }
         let mut running = 0;
@@ -709,7 +861,7 @@ pub fn run_with(
                 running += 1;
             }
         }
-        if running == 0 {
+        if running == 0 && shared.restarting.load(Ordering::SeqCst) == 0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -728,15 +880,13 @@ pub fn run_with(
         .filter_map(|r| r.task.clone())
         .collect();
     if !dispatch.wait_idle(deadline) {
-        skip_all(&dispatch, &shared);
+        dispatch.drain_all();
     }
     if deadline.is_none() {
         for t in &tasks {
             let job = lock(t).summary_job();
             if let Some(j) = job {
-                for (j, why) in dispatch.offer(j, &|| false) {
-                    lock(t).on_skipped(&j, why);
-                }
+                dispatch.offer(t, j, &|| false);
             }
         }
         dispatch.wait_idle(None);
@@ -746,11 +896,7 @@ pub fn run_with(
     }
     if external {
         for r in lock(&shared.sources).iter() {
-            for (j, why) in dispatch.remove_source(&r.spec.name) {
-                if let Some(t) = &r.task {
-                    lock(t).on_skipped(&j, why);
-                }
-            }
+            dispatch.remove_source(&r.spec.name);
         }
     } else {
         dispatch.close();
@@ -819,16 +965,223 @@ pub fn run_with(
     Ok(RunReport { states, failures })
 }
 
-fn skip_all(dispatch: &Dispatch, shared: &Shared) {
-    let skipped = dispatch.drain_all();
-    let sources = lock(&shared.sources);
-    for (j, why) in skipped {
-        if let Some(t) = sources
-            .iter()
-            .find(|r| r.spec.name == j.source)
-            .and_then(|r| r.task.as_ref())
-        {
-            lock(t).on_skipped(&j, why);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::RtspTransport;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "percept-run-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A run's shared state as `run_with` builds it, with no worker, model or HTTP: the
+    /// control messages wait in the returned receiver.
+    fn shared(
+        cfg: &Config,
+        config: Option<PathBuf>,
+    ) -> (Arc<Shared>, crossbeam_channel::Receiver<Control>) {
+        gstreamer::init().unwrap();
+        let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+        let metrics = Arc::new(Metrics::new());
+        let env = crate::tasks::test_support::env();
+        let s = Shared {
+            cfg: Mutex::new(cfg.clone()),
+            overrides: Overrides {
+                config_path: config,
+                ..Overrides::default()
+            },
+            sources: Mutex::new(Vec::new()),
+            ctl_tx,
+            events: Events::with_writer(None),
+            metrics,
+            board: Arc::new(StateBoard::default()),
+            budget: ByteBudget::new(64 << 20),
+            queue_stop: Arc::new(AtomicBool::new(false)),
+            dispatch: Arc::new(Dispatch::default()),
+            env,
+            closing: AtomicBool::new(false),
+            restarting: AtomicUsize::new(0),
+            resume: None,
+        };
+        let s = Arc::new(s);
+        for p in prepare(cfg).unwrap() {
+            let r = s.start(p).unwrap();
+            lock(&s.sources).push(r);
         }
+        (s, ctl_rx)
+    }
+
+    /// Stops every source thread (they run real GStreamer graphs) and waits a while for them.
+    fn stop_all(s: &Shared) {
+        for r in lock(&s.sources).iter() {
+            r.stop.store(true, Ordering::Relaxed);
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10)
+            && lock(&s.sources)
+                .iter()
+                .any(|r| r.handle.as_ref().is_some_and(|h| !h.is_finished()))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn running(s: &Shared) -> Vec<String> {
+        lock(&s.sources)
+            .iter()
+            .filter(|r| !r.removed)
+            .map(|r| r.spec.name.clone())
+            .collect()
+    }
+
+    const BASE: &str = "[run]\nfps = 2.0\n[model]\nenabled = true\n";
+
+    #[test]
+    fn reload_keeps_derived_names_and_restarts_changed_sources() {
+        let d = tmpdir("reload-names");
+        let path = d.join("c.toml");
+        let two = format!(
+            "{BASE}[[source]]\nuri = \"test:?live=true\"\n[[source]]\nuri = \"test:?live=true\"\n\
+             [[source]]\nname = \"cam\"\nuri = \"test:?live=true\"\nfps = 1.0\n"
+        );
+        std::fs::write(&path, &two).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        let (s, _rx) = shared(&cfg, Some(path.clone()));
+        assert_eq!(running(&s), ["test", "test-2", "cam"]);
+
+        // The same file: nothing changes, `test-2` included.
+        s.reload().unwrap();
+        assert_eq!(running(&s), ["test", "test-2", "cam"]);
+        assert_eq!(lock(&s.sources).len(), 3, "no source restarted");
+
+        // cam's fps changes (it restarts) and its window grows (a task setting).
+        std::fs::write(
+            &path,
+            two.replace("fps = 1.0\n", "fps = 4.0\nwindow_frames = 3\n"),
+        )
+        .unwrap();
+        s.reload().unwrap();
+        assert_eq!(running(&s), ["test", "test-2", "cam"]);
+        {
+            let sources = lock(&s.sources);
+            let cams: Vec<&Running> = sources.iter().filter(|r| r.spec.name == "cam").collect();
+            assert_eq!(cams.len(), 2, "cam restarted");
+            assert!(cams[0].removed && !cams[1].removed);
+            assert_eq!(cams[1].key.fps, 4.0);
+            let t = cams[1].task.as_ref().unwrap();
+            assert_eq!(lock(t).spec.window_frames, 3);
+        }
+        stop_all(&s);
+    }
+
+    #[test]
+    fn reload_adds_sources_with_every_setting_and_reports_every_failure() {
+        let d = tmpdir("reload-add");
+        let path = d.join("c.toml");
+        std::fs::write(
+            &path,
+            format!("{BASE}[[source]]\nname = \"a\"\nuri = \"test:?live=true\"\n"),
+        )
+        .unwrap();
+        let cfg = Config::load(&path).unwrap();
+        let (s, _rx) = shared(&cfg, Some(path.clone()));
+        let var = format!("PERCEPT_TEST_DOOR_{}", std::process::id());
+        std::env::set_var(&var, "s3cret");
+        std::fs::write(
+            &path,
+            format!(
+                "{BASE}[[source]]\nname = \"a\"\nuri = \"test:?live=true\"\n\
+                 [[source]]\nname = \"broken\"\nuri = \"rtsp://127.0.0.1:9/x\"\npassword_env = \"PERCEPT_TEST_UNSET_{pid}\"\n\
+                 [[source]]\nname = \"door\"\nuri = \"rtsp://127.0.0.1:9/x\"\nuser = \"admin\"\npassword_env = \"{var}\"\ntransport = \"udp\"\n\
+                 [[source]]\nname = \"also-broken\"\nuri = \"rtsp://127.0.0.1:9/y\"\npassword_env = \"PERCEPT_TEST_UNSET_{pid}\"\n\
+                 [[source]]\nname = \"hall\"\nuri = \"test:?live=true\"\nwindow_frames = 4\n",
+                pid = std::process::id(),
+            ),
+        )
+        .unwrap();
+        let err = s.reload().unwrap_err().to_string();
+        assert!(
+            err.contains("'broken'") && err.contains("also-broken"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+        assert_eq!(running(&s), ["a", "door", "hall"]);
+        {
+            let sources = lock(&s.sources);
+            let door = sources.iter().find(|r| r.spec.name == "door").unwrap();
+            match &door.spec.kind {
+                SourceKind::Rtsp {
+                    credentials,
+                    transport,
+                    ..
+                } => {
+                    let c = credentials.as_ref().expect("credentials");
+                    assert_eq!((c.user.as_str(), c.password.as_str()), ("admin", "s3cret"));
+                    assert_eq!(*transport, RtspTransport::Udp);
+                }
+                other => panic!("{other:?}"),
+            }
+            let hall = sources.iter().find(|r| r.spec.name == "hall").unwrap();
+            assert_eq!(lock(hall.task.as_ref().unwrap()).spec.window_frames, 4);
+        }
+        stop_all(&s);
+    }
+
+    /// Requests for one name at once: one source starts, the others get 409, and the
+    /// running source keeps its model slot.
+    #[test]
+    fn concurrent_adds_of_one_name_start_one_source() {
+        let cfg = Config::parse(BASE).unwrap();
+        let (s, _rx) = shared(&cfg, None);
+        for round in 0..4 {
+            let name = format!("cam{round}");
+            let barrier = Arc::new(std::sync::Barrier::new(6));
+            let handles: Vec<_> = (0..6)
+                .map(|_| {
+                    let (s, b, name) = (s.clone(), barrier.clone(), name.clone());
+                    std::thread::spawn(move || {
+                        b.wait();
+                        s.add(AddSource {
+                            name: Some(name),
+                            uri: "test:?live=true".into(),
+                            task: Some(TaskKind::Describe),
+                            questions: Vec::new(),
+                            prompt: None,
+                            fps: None,
+                        })
+                    })
+                })
+                .collect();
+            let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let ok = results.iter().filter(|r| r.is_ok()).count();
+            let conflicts = results
+                .iter()
+                .filter(|r| matches!(r, Err(ControlError::Conflict(_))))
+                .count();
+            assert_eq!((ok, conflicts), (1, 5), "{results:?}");
+            assert_eq!(running(&s).iter().filter(|n| **n == name).count(), 1);
+        }
+        stop_all(&s);
+    }
+
+    /// `percept analyze take=1.wav` opens `take=1.wav`, not a source named `take` at `1.wav`.
+    #[test]
+    fn a_recording_path_is_opened_as_given() {
+        let cfg = Config::default();
+        let mut sc = SourceConfig::from_path(std::path::Path::new("take=1.wav"));
+        sc.name = Some("take_1".into());
+        let p = prepare_one(&cfg, &sc).unwrap();
+        assert_eq!(p.spec.kind, SourceKind::File(PathBuf::from("take=1.wav")));
+        assert_eq!(p.spec.name, "take_1");
+        let mut c = cfg.clone();
+        c.sources = vec![sc];
+        assert!(c.validate().is_empty());
     }
 }

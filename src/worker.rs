@@ -5,17 +5,17 @@
 use crossbeam_channel::{Receiver, Select};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::AnalysisConfig;
 use crate::event::{Body, Media};
 use crate::ingest::{AudioChunk, Feed, VideoFrame, AUDIO_RATE};
 use crate::lock;
-use crate::queue::QueueRx;
+use crate::queue::{DropReason, QueueRx};
 use crate::signal::{level_dbfs, MotionDetector, VoiceDetector};
-use crate::tasks::dispatch::Dispatch;
-use crate::tasks::{Job, JobClass, SourceTask};
+use crate::tasks::dispatch::{Dispatch, TaskRef};
+use crate::tasks::{Job, JobClass};
 
 /// A source as the worker sees it.
 pub struct WorkerSource {
@@ -23,7 +23,7 @@ pub struct WorkerSource {
     pub video: QueueRx<VideoFrame>,
     pub audio: QueueRx<AudioChunk>,
     /// What the model does with this source; None = signal analysis only.
-    pub task: Option<Arc<Mutex<SourceTask>>>,
+    pub task: Option<TaskRef>,
     /// An interrupted recording: media already analysed is not analysed twice.
     pub resume: Option<crate::tasks::Resume>,
 }
@@ -73,13 +73,11 @@ impl Worker {
         }
     }
 
-    /// Hands jobs to the model side; what will not run is counted by the task.
-    fn offer(&self, task: &Mutex<SourceTask>, jobs: Vec<Job>) {
+    /// Hands jobs to the model side (the dispatch counts what will not run).
+    fn offer(&self, task: &TaskRef, jobs: Vec<Job>) {
+        let stop = || self.stop.load(Ordering::Relaxed);
         for job in jobs {
-            let stop = || self.stop.load(Ordering::Relaxed);
-            for (j, why) in self.dispatch.offer(job, &stop) {
-                lock(task).on_skipped(&j, why);
-            }
+            self.dispatch.offer(task, job, &stop);
         }
     }
 
@@ -104,11 +102,13 @@ impl Worker {
                             let s = slots.remove(i);
                             let frames: Vec<VideoFrame> =
                                 std::iter::from_fn(|| s.src.video.try_recv()).collect();
-                            s.src.feed.drop_frames(&frames, "source_removed");
+                            s.src.feed.drop_frames(&frames, DropReason::SourceRemoved);
                             let chunks: Vec<AudioChunk> =
                                 std::iter::from_fn(|| s.src.audio.try_recv()).collect();
-                            s.src.feed.drop_audio(&chunks, "source_removed");
+                            s.src.feed.drop_audio(&chunks, DropReason::SourceRemoved);
                             report(std::slice::from_ref(&s));
+                            forget(&s.src.feed);
+                            report(&slots);
                         }
                     }
                     Control::Finish { deadline } => finish = Some(deadline),
@@ -126,10 +126,10 @@ impl Worker {
                     for s in &slots {
                         let frames: Vec<VideoFrame> =
                             std::iter::from_fn(|| s.src.video.try_recv()).collect();
-                        s.src.feed.drop_frames(&frames, "shutdown");
+                        s.src.feed.drop_frames(&frames, DropReason::Shutdown);
                         let chunks: Vec<AudioChunk> =
                             std::iter::from_fn(|| s.src.audio.try_recv()).collect();
-                        s.src.feed.drop_audio(&chunks, "shutdown");
+                        s.src.feed.drop_audio(&chunks, DropReason::Shutdown);
                         // Speech still being windowed becomes its last window.
                         if let Some(t) = &s.src.task {
                             let jobs = lock(t).finish();
@@ -209,7 +209,7 @@ impl Worker {
             if frame.t <= after + 1e-6 {
                 slot.src
                     .feed
-                    .drop_frames(std::slice::from_ref(&frame), "resumed");
+                    .drop_frames(std::slice::from_ref(&frame), DropReason::Resumed);
                 return;
             }
         }
@@ -326,7 +326,7 @@ fn report(slots: &[Slot]) {
                 .with_label_values(&[&feed.name, media.as_str()])
                 .set(bytes as i64);
         }
-        let mut gaps: HashMap<&str, (f64, f64)> = HashMap::new();
+        let mut gaps: HashMap<DropReason, (f64, f64)> = HashMap::new();
         for d in feed.take_drops() {
             let end = (d.t1 > d.t0).then_some(d.t1);
             feed.emit(
@@ -335,7 +335,7 @@ fn report(slots: &[Slot]) {
                 Body::Drop {
                     media: d.media,
                     count: d.count,
-                    reason: d.reason.to_string(),
+                    reason: d.reason.as_str().to_string(),
                 },
             );
             if d.media == Media::Audio {
@@ -348,5 +348,158 @@ fn report(slots: &[Slot]) {
     }
     if let Some(s) = slots.first() {
         s.src.feed.metrics.queue_bytes_total.set(total as i64);
+    }
+}
+
+/// A removed source's queue gauges go (a series for a source that is gone would stay at
+/// its last value), and the total counts only the sources left.
+fn forget(feed: &Feed) {
+    for media in [Media::Video, Media::Audio] {
+        let labels = [feed.name.as_str(), media.as_str()];
+        let _ = feed.metrics.queue_depth.remove_label_values(&labels);
+        let _ = feed.metrics.queue_bytes.remove_label_values(&labels);
+    }
+    feed.metrics.queue_bytes_total.set(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TaskKind;
+    use crate::metrics::Metrics;
+    use crate::queue::ByteBudget;
+    use crate::tasks::test_support::{frame, source, task};
+
+    fn start(
+        dispatch: &Arc<Dispatch>,
+    ) -> (
+        crossbeam_channel::Sender<Control>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let w = Worker::new(
+            AnalysisConfig::default(),
+            rx,
+            dispatch.clone(),
+            Arc::new(AtomicBool::new(false)),
+        );
+        (tx, std::thread::spawn(move || w.run()))
+    }
+
+    fn wait_for(secs: u64, ok: &dyn Fn() -> bool) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(secs) {
+            if ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ok()
+    }
+
+    fn add(
+        tx: &crossbeam_channel::Sender<Control>,
+        s: crate::tasks::test_support::TestSource,
+        task: Option<TaskRef>,
+    ) -> Arc<Feed> {
+        let feed = s.feed.clone();
+        tx.send(Control::Add(WorkerSource {
+            feed: s.feed,
+            video: s.video,
+            audio: s.audio,
+            task,
+            resume: None,
+        }))
+        .unwrap();
+        feed
+    }
+
+    /// While the model loads, a file source's job waits, and so would the one worker thread
+    /// if it took the file's frame: a live source beside it must still be analysed.
+    #[test]
+    fn a_file_waiting_for_the_model_does_not_stall_live_sources() {
+        let metrics = Arc::new(Metrics::new());
+        let budget = ByteBudget::new(1 << 20);
+        let dispatch = Arc::new(Dispatch::default());
+        assert_eq!(dispatch.gate(), crate::tasks::dispatch::ModelGate::Loading);
+        let (tx, worker) = start(&dispatch);
+        let file = source("file", false, &metrics, &budget);
+        let file_task = task(&file.feed, TaskKind::Describe, false);
+        assert!(dispatch.add_source("file", file_task.clone(), false));
+        let file = add(&tx, file, Some(file_task));
+        let live = add(&tx, source("cam", true, &metrics, &budget), None);
+
+        file.push_frame(frame(0.0));
+        // Give the worker time to take the file's frame (it must not).
+        wait_for(1, &|| file.video.stats().depth.load(Ordering::Relaxed) == 0);
+        for i in 0..3 {
+            live.push_frame(frame(f64::from(i) * 0.2));
+        }
+        assert!(
+            wait_for(10, &|| live.stats.frames_analyzed.load(Ordering::Relaxed)
+                == 3),
+            "live frames analysed while the model loads: {}",
+            live.stats.frames_analyzed.load(Ordering::Relaxed)
+        );
+        assert_eq!(file.stats.frames_analyzed.load(Ordering::Relaxed), 0);
+
+        // Once the model is ready the file's frame goes to it: nothing of the file is lost.
+        dispatch.set_gate(crate::tasks::dispatch::ModelGate::Ready);
+        let (btx, brx) = crossbeam_channel::bounded(1);
+        let d = dispatch.clone();
+        std::thread::spawn(move || {
+            let _ = btx.send(d.take_batch(4));
+        });
+        let batch = brx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the file's job reaches the model")
+            .expect("a batch");
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].1.source, "file");
+        dispatch.done(1);
+        tx.send(Control::Finish {
+            deadline: Some(Instant::now()),
+        })
+        .unwrap();
+        dispatch.close();
+        worker.join().unwrap();
+    }
+
+    /// Removing the last source leaves no queue gauge behind, and what its graph pushes while
+    /// stopping holds no budget.
+    #[test]
+    fn removing_the_last_source_resets_the_queue_gauges() {
+        let metrics = Arc::new(Metrics::new());
+        let budget = ByteBudget::new(1 << 20);
+        let dispatch = Arc::new(Dispatch::default());
+        let (tx, worker) = start(&dispatch);
+        let feed = add(&tx, source("cam", true, &metrics, &budget), None);
+        feed.push_frame(frame(0.0));
+        assert!(wait_for(10, &|| feed
+            .stats
+            .frames_analyzed
+            .load(Ordering::Relaxed)
+            == 1));
+        // Gauges are written at the worker's next report.
+        assert!(wait_for(10, &|| metrics.render().contains(
+            "percept_queue_bytes{media=\"video\",source=\"cam\"}"
+        )));
+        tx.send(Control::Remove("cam".into())).unwrap();
+        let gone = || {
+            !metrics
+                .render()
+                .lines()
+                .any(|l| l.starts_with("percept_queue_") && l.contains("source=\"cam\""))
+        };
+        assert!(wait_for(10, &gone), "{}", metrics.render());
+        assert!(metrics
+            .render()
+            .lines()
+            .any(|l| l == "percept_queue_bytes_all_sources 0"));
+        // The source's graph is still stopping and pushes once more.
+        feed.push_frame(frame(0.2));
+        assert_eq!(budget.used(), 0);
+        tx.send(Control::Finish { deadline: None }).unwrap();
+        worker.join().unwrap();
     }
 }

@@ -209,11 +209,6 @@ impl Stabilizer {
         out
     }
 
-    /// Media time up to which captions are final.
-    pub fn final_end(&self) -> f64 {
-        self.final_end
-    }
-
     fn commit(&mut self, mut w: Word, out: &mut Vec<CaptionUpdate>) {
         // Interpolated times of a later window can fall before text already final; final
         // captions must stay in order, so they are pushed forward.

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use crate::event::{Body, Event, Media};
 use crate::metrics::Metrics;
-use crate::queue::{Pushed, QueueTx};
+use crate::queue::{DropReason, Pushed, QueueTx};
 use crate::sink::Events;
 
 /// Audio handed to the worker is always this rate, mono f32.
@@ -86,7 +86,7 @@ pub struct SourceStats {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingDrop {
     pub media: Media,
-    pub reason: &'static str,
+    pub reason: DropReason,
     pub count: u64,
     pub t0: f64,
     pub t1: f64,
@@ -193,7 +193,7 @@ impl Feed {
         );
     }
 
-    fn record_drop(&self, media: Media, reason: &'static str, count: u64, t0: f64, t1: f64) {
+    fn record_drop(&self, media: Media, reason: DropReason, count: u64, t0: f64, t1: f64) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         match pending
             .iter_mut()
@@ -220,7 +220,7 @@ impl Feed {
     }
 
     /// Count a sampled frame lost before analysis.
-    pub fn drop_frames(&self, frames: &[VideoFrame], reason: &'static str) {
+    pub fn drop_frames(&self, frames: &[VideoFrame], reason: DropReason) {
         if frames.is_empty() {
             return;
         }
@@ -228,7 +228,7 @@ impl Feed {
         self.stats.frames_dropped.fetch_add(n, Ordering::Relaxed);
         self.metrics
             .frames_dropped
-            .with_label_values(&[&self.name, reason])
+            .with_label_values(&[&self.name, reason.as_str()])
             .inc_by(n);
         let t0 = frames.iter().map(|f| f.t).fold(f64::INFINITY, f64::min);
         let t1 = frames.iter().map(|f| f.t).fold(f64::NEG_INFINITY, f64::max);
@@ -236,7 +236,7 @@ impl Feed {
     }
 
     /// Count audio lost before analysis (whole chunks).
-    pub fn drop_audio(&self, chunks: &[AudioChunk], reason: &'static str) {
+    pub fn drop_audio(&self, chunks: &[AudioChunk], reason: DropReason) {
         for c in chunks {
             let n = c.samples.len() as u64;
             self.stats
@@ -244,7 +244,7 @@ impl Feed {
                 .fetch_add(n, Ordering::Relaxed);
             self.metrics
                 .audio_seconds_dropped
-                .with_label_values(&[&self.name, reason])
+                .with_label_values(&[&self.name, reason.as_str()])
                 .inc_by(c.duration());
             self.record_drop(Media::Audio, reason, 1, c.t, c.t + c.duration());
         }
@@ -262,9 +262,9 @@ impl Feed {
         let bytes = frame.rgb.len() + std::mem::size_of::<VideoFrame>();
         match self.video.push(frame, bytes) {
             Pushed::Queued => {}
-            Pushed::QueuedEvicting(old) => self.drop_frames(&old, "queue_full"),
-            Pushed::Rejected(f) => self.drop_frames(&[f], "budget"),
-            Pushed::Closed(f) => self.drop_frames(&[f], "shutdown"),
+            Pushed::QueuedEvicting(old) => self.drop_frames(&old, DropReason::QueueFull),
+            Pushed::Rejected(f, why) => self.drop_frames(&[f], why),
+            Pushed::Closed(f) => self.drop_frames(&[f], DropReason::Shutdown),
         }
     }
 
@@ -281,9 +281,69 @@ impl Feed {
         let bytes = chunk.samples.len() * 4 + std::mem::size_of::<AudioChunk>();
         match self.audio.push(chunk, bytes) {
             Pushed::Queued => {}
-            Pushed::QueuedEvicting(old) => self.drop_audio(&old, "queue_full"),
-            Pushed::Rejected(c) => self.drop_audio(&[c], "queue_full"),
-            Pushed::Closed(c) => self.drop_audio(&[c], "shutdown"),
+            Pushed::QueuedEvicting(old) => self.drop_audio(&old, DropReason::QueueFull),
+            Pushed::Rejected(c, why) => self.drop_audio(&[c], why),
+            Pushed::Closed(c) => self.drop_audio(&[c], DropReason::Shutdown),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{bounded, ByteBudget, WhenFull};
+
+    fn chunk(t: f64, n: usize) -> AudioChunk {
+        AudioChunk {
+            t,
+            samples: vec![0.0; n],
+            captured: Instant::now(),
+        }
+    }
+
+    /// Live audio refused because other queues hold the byte budget is counted as
+    /// `budget`, as live video is; only a full audio queue is `queue_full`.
+    #[test]
+    fn audio_refused_by_the_budget_is_counted_as_budget() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let budget = ByteBudget::new(64 * 1024);
+        let (vtx, _vrx) = bounded(4, WhenFull::DropOldest, budget.clone(), stop.clone());
+        let (atx, _arx) = bounded(2, WhenFull::DropNewest, budget.clone(), stop.clone());
+        let metrics = Arc::new(Metrics::new());
+        let feed = Feed::new(
+            "a".into(),
+            vtx,
+            atx,
+            metrics.clone(),
+            Events::with_writer(None),
+        );
+        // Another source's queue holds all but a few bytes of the budget.
+        let (other, orx) = bounded::<u8>(1, WhenFull::DropNewest, budget.clone(), stop);
+        assert!(matches!(other.push(0, 60 * 1024), Pushed::Queued));
+        feed.push_audio(chunk(0.0, 4000));
+        assert_eq!(orx.try_recv(), Some(0));
+        // With the budget free again, a full audio queue is `queue_full`.
+        for i in 1..=3 {
+            feed.push_audio(chunk(f64::from(i) * 0.25, 4000));
+        }
+        let text = metrics.render();
+        let line = |reason: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("percept_audio_seconds_dropped_total")
+                        && l.contains(&format!("reason=\"{reason}\""))
+                })
+                .map(str::to_string)
+        };
+        assert!(
+            line("budget").is_some_and(|l| l.ends_with(" 0.25")),
+            "{text}"
+        );
+        assert!(
+            line("queue_full").is_some_and(|l| l.ends_with(" 0.25")),
+            "{text}"
+        );
+        let reasons: Vec<DropReason> = feed.take_drops().iter().map(|d| d.reason).collect();
+        assert_eq!(reasons, vec![DropReason::Budget, DropReason::QueueFull]);
     }
 }

@@ -6,12 +6,19 @@
 //! dropped and counted. Files: the worker waits for a free slot (backpressure), so nothing
 //! is skipped. Jobs are taken round-robin across sources, one per source per step first, so
 //! a batch spans sources.
+//!
+//! Every job that will not run (superseded, model unavailable, source removed, shutdown) is
+//! reported to its source's task here, in one place, after the dispatch lock is released.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::{Job, JobClass, SourceTask};
+use super::{Job, JobClass, SkipReason, SourceTask};
+use crate::lock;
+
+/// A source's task, shared by the worker, the model thread and the control API.
+pub type TaskRef = Arc<Mutex<SourceTask>>;
 
 /// Final caption windows waiting per live source before the oldest is dropped.
 const MAX_FINALS: usize = 3;
@@ -26,7 +33,7 @@ pub enum ModelGate {
 }
 
 struct Pending {
-    task: Arc<Mutex<SourceTask>>,
+    task: TaskRef,
     live: bool,
     frame: Option<Job>,
     partial: Option<Job>,
@@ -67,8 +74,20 @@ pub struct Dispatch {
     cv: Condvar,
 }
 
-/// Why a job did not reach the model.
-pub type Skipped = (Job, &'static str);
+/// A job that did not reach the model, and why.
+type Skipped = (Job, SkipReason);
+
+/// Counts skipped jobs with their tasks (metrics, `gap` events). Called without the dispatch
+/// lock held: a task's lock is never taken inside the dispatch's.
+fn report(task: &TaskRef, skipped: Vec<Skipped>) {
+    if skipped.is_empty() {
+        return;
+    }
+    let t = lock(task);
+    for (job, why) in &skipped {
+        t.on_skipped(job, *why);
+    }
+}
 
 impl Default for Dispatch {
     fn default() -> Self {
@@ -99,8 +118,14 @@ impl Dispatch {
         self.lock().gate
     }
 
-    pub fn add_source(&self, name: &str, task: Arc<Mutex<SourceTask>>, live: bool) {
-        self.lock().sources.insert(
+    /// A slot for a source's jobs. A name that has a slot already keeps it (returns false):
+    /// one source's jobs must never land in another's task.
+    pub fn add_source(&self, name: &str, task: TaskRef, live: bool) -> bool {
+        let mut g = self.lock();
+        if g.sources.contains_key(name) {
+            return false;
+        }
+        g.sources.insert(
             name.to_string(),
             Pending {
                 task,
@@ -111,67 +136,75 @@ impl Dispatch {
                 text: VecDeque::new(),
             },
         );
+        drop(g);
         self.cv.notify_all();
+        true
     }
 
-    /// Forget a source; its waiting jobs are returned as skipped.
-    pub fn remove_source(&self, name: &str) -> Vec<Skipped> {
+    /// Forget a source; its waiting jobs are counted as skipped (`source_removed`).
+    pub fn remove_source(&self, name: &str) {
         let mut g = self.lock();
-        let mut out = Vec::new();
-        if let Some(mut p) = g.sources.remove(name) {
-            while let Some(j) = p.take() {
-                out.push((j, "source_removed"));
-            }
-        }
+        let removed = g.sources.remove(name);
+        drop(g);
         self.cv.notify_all();
-        out
+        if let Some(mut p) = removed {
+            let skipped = std::iter::from_fn(|| p.take())
+                .map(|j| (j, SkipReason::SourceRemoved))
+                .collect();
+            report(&p.task, skipped);
+        }
     }
 
-    /// Hands a job to the model side. Returns the jobs that will not run, with a reason
-    /// (the caller counts them). For files this blocks while the slot is taken or the
-    /// model is loading, unless `stop` says the run is ending.
-    pub fn offer(&self, job: Job, stop: &dyn Fn() -> bool) -> Vec<Skipped> {
+    /// Hands a job of `task`'s source to the model side; what will not run (this job or
+    /// older ones it replaces) is counted with the task. For files this blocks while the
+    /// slot is taken or the model is loading, unless `stop` says the run is ending.
+    pub fn offer(&self, task: &TaskRef, job: Job, stop: &dyn Fn() -> bool) {
+        let skipped = self.place(job, stop);
+        report(task, skipped);
+    }
+
+    fn place(&self, job: Job, stop: &dyn Fn() -> bool) -> Vec<Skipped> {
         let mut g = self.lock();
         loop {
             match g.gate {
-                ModelGate::Disabled => return vec![(job, "model_disabled")],
-                ModelGate::Unavailable => return vec![(job, "model_unavailable")],
+                ModelGate::Disabled => return vec![(job, SkipReason::ModelDisabled)],
+                ModelGate::Unavailable => return vec![(job, SkipReason::ModelUnavailable)],
                 ModelGate::Loading | ModelGate::Ready => {}
             }
             // Follow-ups (retries, summaries) are still owed after close.
             if g.closed && job.class != JobClass::Text {
-                return vec![(job, "shutdown")];
+                return vec![(job, SkipReason::Shutdown)];
             }
             let gate = g.gate;
             let Some(p) = g.sources.get_mut(&job.source) else {
-                return vec![(job, "source_removed")];
+                return vec![(job, SkipReason::SourceRemoved)];
             };
             let live = p.live;
             if live {
                 if gate == ModelGate::Loading {
-                    return vec![(job, "model_loading")];
+                    return vec![(job, SkipReason::ModelLoading)];
                 }
                 let mut skipped = Vec::new();
                 match job.class {
                     JobClass::Frame => {
                         if let Some(old) = p.frame.replace(job) {
-                            skipped.push((old, "superseded"));
+                            skipped.push((old, SkipReason::Superseded));
                         }
                     }
                     JobClass::PartialAudio => {
                         if let Some(old) = p.partial.replace(job) {
-                            skipped.push((old, "superseded"));
+                            skipped.push((old, SkipReason::Superseded));
                         }
                     }
                     JobClass::FinalAudio => {
                         // A final window covers its partials.
                         if let Some(old) = p.partial.take() {
-                            skipped.push((old, "superseded"));
+                            skipped.push((old, SkipReason::Superseded));
                         }
                         p.finals.push_back(job);
                         while p.finals.len() > MAX_FINALS {
                             if let Some(old) = p.finals.pop_front() {
-                                skipped.push((old, "model_behind"));
+                                skipped.push((old, SkipReason::ModelBehind));
                             }
                         }
                     }
@@ -198,7 +231,7 @@ impl Dispatch {
                 return Vec::new();
             }
             if stop() {
-                return vec![(job, "shutdown")];
+                return vec![(job, SkipReason::Shutdown)];
             }
             g = self
                 .cv
@@ -210,17 +243,23 @@ impl Dispatch {
 
     /// Would a job of `class` from this file source have to wait? The worker then leaves
     /// that source's queue alone for now instead of blocking every other source behind it.
+    /// While the model loads every file job waits (see [`Dispatch::offer`]), so a file
+    /// source is left alone until the model is ready or known to be unavailable.
     pub fn would_wait(&self, source: &str, class: JobClass) -> bool {
         let g = self.lock();
-        if g.gate != ModelGate::Ready || g.closed {
+        if g.closed {
             return false;
         }
         match g.sources.get(source) {
-            Some(p) if !p.live => match class {
-                JobClass::Frame => p.frame.is_some(),
-                JobClass::PartialAudio => p.partial.is_some(),
-                JobClass::FinalAudio => !p.finals.is_empty(),
-                JobClass::Text => false,
+            Some(p) if !p.live => match g.gate {
+                ModelGate::Loading => true,
+                ModelGate::Disabled | ModelGate::Unavailable => false,
+                ModelGate::Ready => match class {
+                    JobClass::Frame => p.frame.is_some(),
+                    JobClass::PartialAudio => p.partial.is_some(),
+                    JobClass::FinalAudio => !p.finals.is_empty(),
+                    JobClass::Text => false,
+                },
             },
             _ => false,
         }
@@ -232,21 +271,26 @@ impl Dispatch {
         self.cv.notify_all();
     }
 
-    /// Drop everything still waiting (shutdown deadline passed).
-    pub fn drain_all(&self) -> Vec<Skipped> {
+    /// Drop everything still waiting (shutdown deadline passed), counted as `shutdown`.
+    pub fn drain_all(&self) {
         let mut g = self.lock();
         let mut out = Vec::new();
         for p in g.sources.values_mut() {
-            while let Some(j) = p.take() {
-                out.push((j, "shutdown"));
-            }
+            let skipped: Vec<Skipped> = std::iter::from_fn(|| p.take())
+                .map(|j| (j, SkipReason::Shutdown))
+                .collect();
+            out.push((p.task.clone(), skipped));
         }
-        out
+        drop(g);
+        self.cv.notify_all();
+        for (task, skipped) in out {
+            report(&task, skipped);
+        }
     }
 
     /// Waits for work and takes up to `max` jobs, one per source per round. `None` once
     /// closed and empty.
-    pub fn take_batch(&self, max: usize) -> Option<Vec<(Arc<Mutex<SourceTask>>, Job)>> {
+    pub fn take_batch(&self, max: usize) -> Option<Vec<(TaskRef, Job)>> {
         let mut g = self.lock();
         loop {
             let any = g.sources.values().any(|p| !p.is_empty());
@@ -315,5 +359,104 @@ impl Dispatch {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TaskKind;
+    use crate::metrics::Metrics;
+    use crate::queue::ByteBudget;
+    use crate::tasks::test_support::{source, task};
+
+    fn job(source: &str, class: JobClass) -> Job {
+        Job {
+            source: source.into(),
+            task: TaskKind::Describe,
+            class,
+            t: 0.0,
+            end: 0.0,
+            frame: None,
+            video: Vec::new(),
+            audio: None,
+            prompt: String::new(),
+            soft_tokens: 70,
+            max_tokens: 8,
+            attempt: 0,
+            next_t0: None,
+            captured: std::time::Instant::now(),
+        }
+    }
+
+    fn skipped(metrics: &Metrics, source: &str, reason: &str) -> u64 {
+        metrics
+            .model
+            .skipped
+            .with_label_values(&[source, reason])
+            .get()
+    }
+
+    /// A name keeps its first slot: a second source of that name must not take over the
+    /// first one's jobs.
+    #[test]
+    fn a_second_slot_for_a_name_is_refused() {
+        let metrics = Arc::new(Metrics::new());
+        let budget = ByteBudget::new(1 << 20);
+        let a = source("cam", true, &metrics, &budget);
+        let b = source("cam", true, &metrics, &budget);
+        let (ta, tb) = (
+            task(&a.feed, TaskKind::Describe, true),
+            task(&b.feed, TaskKind::Describe, true),
+        );
+        let d = Dispatch::default();
+        d.set_gate(ModelGate::Ready);
+        assert!(d.add_source("cam", ta.clone(), true));
+        assert!(!d.add_source("cam", tb, true));
+        d.offer(&ta, job("cam", JobClass::Frame), &|| false);
+        let batch = d.take_batch(4).unwrap();
+        assert_eq!(batch.len(), 1);
+        assert!(Arc::ptr_eq(&batch[0].0, &ta));
+    }
+
+    /// Skipped jobs are counted by the dispatch itself, with their reason.
+    #[test]
+    fn the_dispatch_counts_what_it_skips() {
+        let metrics = Arc::new(Metrics::new());
+        let budget = ByteBudget::new(1 << 20);
+        let s = source("cam", true, &metrics, &budget);
+        let t = task(&s.feed, TaskKind::Describe, true);
+        let d = Dispatch::default();
+        d.add_source("cam", t.clone(), true);
+        d.offer(&t, job("cam", JobClass::Frame), &|| false);
+        assert_eq!(skipped(&metrics, "cam", "model_loading"), 1);
+        d.set_gate(ModelGate::Ready);
+        d.offer(&t, job("cam", JobClass::Frame), &|| false);
+        d.offer(&t, job("cam", JobClass::Frame), &|| false);
+        assert_eq!(skipped(&metrics, "cam", "superseded"), 1);
+        d.remove_source("cam");
+        assert_eq!(skipped(&metrics, "cam", "source_removed"), 1);
+        d.offer(&t, job("cam", JobClass::Frame), &|| false);
+        assert_eq!(skipped(&metrics, "cam", "source_removed"), 2);
+    }
+
+    /// While the model loads, a file source's jobs would wait: the worker must leave its
+    /// queues alone; a live source's never wait (they are skipped as `model_loading`).
+    #[test]
+    fn file_sources_wait_while_the_model_loads() {
+        let metrics = Arc::new(Metrics::new());
+        let budget = ByteBudget::new(1 << 20);
+        let f = source("file", false, &metrics, &budget);
+        let l = source("cam", true, &metrics, &budget);
+        let d = Dispatch::default();
+        d.add_source("file", task(&f.feed, TaskKind::Describe, false), false);
+        d.add_source("cam", task(&l.feed, TaskKind::Describe, true), true);
+        assert!(d.would_wait("file", JobClass::Frame));
+        assert!(d.would_wait("file", JobClass::FinalAudio));
+        assert!(!d.would_wait("cam", JobClass::Frame));
+        d.set_gate(ModelGate::Ready);
+        assert!(!d.would_wait("file", JobClass::Frame));
+        d.set_gate(ModelGate::Unavailable);
+        assert!(!d.would_wait("file", JobClass::Frame));
     }
 }

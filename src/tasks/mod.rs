@@ -9,6 +9,8 @@ pub mod dispatch;
 pub mod governor;
 pub mod recording;
 pub mod summary;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod watch;
 pub mod webhook;
 
@@ -32,6 +34,61 @@ pub enum JobClass {
     PartialAudio,
     FinalAudio,
     Text,
+}
+
+/// Why media or a job did not reach the model: the `reason` label of
+/// `model_skipped_total`, and the words in brackets of a `speech not transcribed` gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// The governor's frame rate for the model was not due yet.
+    Rate,
+    /// Nothing moved, no heartbeat was due and no loud sound asked for a look.
+    NoMotion,
+    /// A newer job of the same slot replaced it (live sources: freshest wins).
+    Superseded,
+    /// Final caption windows piled up behind the model; the oldest went.
+    ModelBehind,
+    /// A live source's job while the model was still loading.
+    ModelLoading,
+    /// `[model] enabled = false`.
+    ModelDisabled,
+    /// The model could not be loaded.
+    ModelUnavailable,
+    /// Shutting down (or the drain deadline passed).
+    Shutdown,
+    /// The source was removed at runtime.
+    SourceRemoved,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Rate => "rate",
+            SkipReason::NoMotion => "no_motion",
+            SkipReason::Superseded => "superseded",
+            SkipReason::ModelBehind => "model_behind",
+            SkipReason::ModelLoading => "model_loading",
+            SkipReason::ModelDisabled => "model_disabled",
+            SkipReason::ModelUnavailable => "model_unavailable",
+            SkipReason::Shutdown => "shutdown",
+            SkipReason::SourceRemoved => "source_removed",
+        }
+    }
+
+    /// The model cannot answer at all: no gap per skipped window (the `model` status and
+    /// `percept_model_unavailable` say it once).
+    fn model_absent(self) -> bool {
+        matches!(
+            self,
+            SkipReason::ModelDisabled | SkipReason::ModelUnavailable
+        )
+    }
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One request for the model, in media terms.
@@ -206,7 +263,25 @@ impl SourceTask {
         }
     }
 
+    /// A new task (or new questions, prompt, window) from the control API or a reload. When
+    /// the task kind changes, the old task's state goes with it: caption words the
+    /// stabilizer still held become final (nothing will revise them now), and audio or
+    /// frames gathered for the old task's next window are let go.
     pub fn set_spec(&mut self, spec: TaskSpec) {
+        let old = self.spec.task;
+        if spec.task != old {
+            if old == TaskKind::Caption {
+                let updates = self.stabilizer.finish();
+                self.emit_captions(updates);
+            }
+            self.windower = AudioWindower::new(&self.env.captions);
+            self.recording = RecordingWindower::new(&self.env.captions);
+            self.recent_audio.clear();
+            self.look_requested = false;
+        }
+        if spec.task != old || spec.window_frames != self.spec.window_frames {
+            self.window.clear();
+        }
         self.spec = spec;
     }
 
@@ -243,12 +318,12 @@ impl SourceTask {
         }
     }
 
-    fn skip(&self, reason: &str) {
+    fn skip(&self, reason: SkipReason) {
         self.feed
             .metrics
             .model
             .skipped
-            .with_label_values(&[&self.name, reason])
+            .with_label_values(&[&self.name, reason.as_str()])
             .inc();
     }
 
@@ -271,7 +346,7 @@ impl SourceTask {
             return None;
         }
         if !self.gov.frame_due(frame.t, self.last_sent) {
-            self.skip("rate");
+            self.skip(SkipReason::Rate);
             return None;
         }
         let heartbeat = self
@@ -279,7 +354,7 @@ impl SourceTask {
             .is_none_or(|l| frame.t - l >= self.env.governor.heartbeat_seconds);
         let moved = motion >= self.env.scene_threshold;
         if !(heartbeat || moved || self.look_requested) {
-            self.skip("no_motion");
+            self.skip(SkipReason::NoMotion);
             return None;
         }
         self.look_requested = false;
@@ -467,12 +542,9 @@ impl SourceTask {
     }
 
     /// Jobs that will not run (superseded, unavailable...) are counted here.
-    pub fn on_skipped(&self, job: &Job, reason: &str) {
+    pub fn on_skipped(&self, job: &Job, reason: SkipReason) {
         self.skip(reason);
-        if job.class == JobClass::FinalAudio
-            && reason != "model_unavailable"
-            && reason != "model_disabled"
-        {
+        if job.class == JobClass::FinalAudio && !reason.model_absent() {
             self.feed.gap(
                 job.t,
                 job.end,
@@ -705,7 +777,7 @@ impl SourceTask {
     }
 
     fn on_caption(&mut self, job: &Job, text: &str) {
-        let updates = match (job.class, job.next_t0) {
+        let mut updates = match (job.class, job.next_t0) {
             (JobClass::FinalAudio, Some(next)) => {
                 self.stabilizer.push_cut(job.t, job.end, text, next)
             }
@@ -713,6 +785,10 @@ impl SourceTask {
                 .stabilizer
                 .push(job.t, job.end, text, class == JobClass::FinalAudio),
         };
+        if self.spec.task != TaskKind::Caption {
+            // Answered after the task changed: no later window will revise these words.
+            updates.extend(self.stabilizer.finish());
+        }
         self.emit_captions(updates);
     }
 
@@ -784,6 +860,9 @@ pub fn empty_transcript_files(
 ) -> Result<(), crate::caption::CaptionFileError> {
     CaptionFiles::create(vtt, srt).map(|_| ())
 }
+
+#[cfg(test)]
+mod tests;
 
 fn mmss(t: f64) -> String {
     let s = t.max(0.0) as u64;
