@@ -412,11 +412,15 @@ mod tests {
         let d = Dispatch::default();
         d.set_gate(ModelGate::Ready);
         assert!(d.add_source("cam", ta.clone(), true));
-        assert!(!d.add_source("cam", tb, true));
+        let second = d.add_source("cam", tb, true);
         d.offer(&ta, job("cam", JobClass::Frame), &|| false);
         let batch = d.take_batch(4).unwrap();
         assert_eq!(batch.len(), 1);
-        assert!(Arc::ptr_eq(&batch[0].0, &ta));
+        assert!(
+            Arc::ptr_eq(&batch[0].0, &ta),
+            "the first source keeps its slot"
+        );
+        assert!(!second);
     }
 
     /// Skipped jobs are counted by the dispatch itself, with their reason.
