@@ -5,8 +5,9 @@
 //!    opened by scripts and every POST/PUT/DELETE) must come from the server's own origin or
 //!    from `[http] allowed_origins`, else 403. This is what keeps a web page the user happens
 //!    to open from reading the feeds or driving the API.
-//! 2. `Host`: a loopback name or address with the listen port, the listen address itself, or
-//!    an `[http] allowed_hosts` entry, else 403: DNS rebinding cannot reach the API.
+//! 2. `Host`: a loopback name or address with the listen port, the listen address itself (any
+//!    address literal when listening on 0.0.0.0 or ::), or an `[http] allowed_hosts` entry,
+//!    else 403: DNS rebinding, which needs a name, cannot reach the API.
 //! 3. The token (`[http] token`, `PERCEPT_HTTP_TOKEN` wins): `Authorization: Bearer <token>`
 //!    on every route but `/healthz`; `?token=` on the page and the feeds, where browsers
 //!    cannot set headers; a wrong or missing token is 401. Opening the page with a good
@@ -110,8 +111,11 @@ impl Guard {
             .trim_end_matches(']')
             .parse::<IpAddr>()
         {
+            // An address literal names a machine, not a DNS name an attacker controls, so it
+            // cannot rebind: a server on 0.0.0.0 answers to any of its addresses (what a
+            // container's health probe sends), one on a given IP to that IP.
             Ok(ip) => {
-                ip.is_loopback() || (!self.listen.ip().is_unspecified() && ip == self.listen.ip())
+                ip.is_loopback() || self.listen.ip().is_unspecified() || ip == self.listen.ip()
             }
             Err(_) => false,
         }
@@ -454,7 +458,10 @@ mod tests {
         assert!(lan.host_ok("10.0.0.7:9464"));
         assert!(!lan.host_ok("10.0.0.8:9464"));
         let any = Guard::new(&HttpConfig::default(), "0.0.0.0:9464".parse().unwrap());
-        assert!(!any.host_ok("0.0.0.0:9464"));
+        assert!(any.host_ok("10.0.0.8:9464"));
+        assert!(any.host_ok("[fd00::1]:9464"));
+        assert!(!any.host_ok("10.0.0.8:9465"));
+        assert!(!any.host_ok("nvr.lan:9464"));
     }
 
     #[test]

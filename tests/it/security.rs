@@ -655,6 +655,13 @@ fn exposed_listen_with_env_token_serves_with_auth() {
     let addr: SocketAddr = format!("127.0.0.1:{}", p.port()).parse().unwrap();
     let (h, _) = send(addr, "GET", "/healthz", &[], None);
     assert_eq!(h.status, 200);
+    let evil = format!("evil.example:{}", addr.port());
+    let (h, _) = send(addr, "GET", "/healthz", &[("Host", &evil)], None);
+    assert_eq!(h.status, 403);
+    // On 0.0.0.0 any address of the machine is its name (what a health probe sends).
+    let probe = format!("10.1.2.3:{}", addr.port());
+    let (h, _) = send(addr, "GET", "/healthz", &[("Host", &probe)], None);
+    assert_eq!(h.status, 200);
     let (s, _) = send(addr, "GET", "/v1/sources", &[], None);
     assert_eq!(s.status, 401);
     let bearer = format!("Bearer {token}");
