@@ -860,3 +860,55 @@ fn unit_file_gives_a_writable_working_directory() {
     assert!(std::path::Path::new(&cfg.captions.dir).is_relative());
     assert!(std::path::Path::new(&cfg.alerts.snapshot_dir).is_relative());
 }
+
+#[test]
+fn rtsp_password_with_plus_and_slash_reaches_the_camera() {
+    // A free port: bound and released (the server binds it again at once).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let password = "a+b/c d";
+    let mut server = Command::new(percept_bin())
+        .args(["testsrc", "rtsp", "--port", &port.to_string()])
+        .args(["--width", "160", "--height", "90", "--fps", "10"])
+        .args(["--user", "viewer", "--password", password])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the RTSP server", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let d = tmpdir("sec-rtsp-plus");
+    let events = d.join("e.jsonl");
+    // '+' typed as is, '/' and ' ' percent-encoded: as a user copies it into a URL.
+    let uri = format!("cam=rtsp://viewer:a+b%2Fc%20d@127.0.0.1:{port}/test");
+    let p = Proc::spawn(
+        &[
+            "--no-http",
+            "--no-model",
+            "--events",
+            events.to_str().unwrap(),
+            "--source",
+            &uri,
+        ],
+        &[],
+    );
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut frames = 0;
+    while Instant::now() < until && frames == 0 {
+        frames = of_kind(&read_events(&events), "cam", "frame").len();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let err = p.stop();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        frames > 0,
+        "no frame: the password did not authenticate: {err}"
+    );
+    assert!(!err.contains("a+b"), "{err}");
+}
