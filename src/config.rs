@@ -959,13 +959,14 @@ impl Config {
                 }
             }
         }
+        // Non-finite values were reported just above, once.
         let mut check = |ok: bool, msg: String| {
             if !ok {
                 p.push(msg);
             }
         };
         check(
-            self.run.drain_seconds <= MAX_DRAIN_SECONDS,
+            !self.run.drain_seconds.is_finite() || self.run.drain_seconds <= MAX_DRAIN_SECONDS,
             format!(
                 "[run] drain_seconds must be at most {MAX_DRAIN_SECONDS}, got {}",
                 self.run.drain_seconds
@@ -979,14 +980,14 @@ impl Config {
             ),
         );
         check(
-            self.audio.queue_seconds <= MAX_QUEUE_SECONDS,
+            !self.audio.queue_seconds.is_finite() || self.audio.queue_seconds <= MAX_QUEUE_SECONDS,
             format!(
                 "[audio] queue_seconds must be at most {MAX_QUEUE_SECONDS}, got {}",
                 self.audio.queue_seconds
             ),
         );
         check(
-            self.queues.budget_mib <= MAX_BUDGET_MIB,
+            !self.queues.budget_mib.is_finite() || self.queues.budget_mib <= MAX_BUDGET_MIB,
             format!(
                 "[queues] budget_mib must be at most {MAX_BUDGET_MIB}, got {}",
                 self.queues.budget_mib
@@ -1113,6 +1114,45 @@ mod tests {
             assert!(!text.trim().is_empty(), "config/prompts.toml lost a prompt");
         }
         assert!(p.watch.contains("{questions}"));
+    }
+
+    #[test]
+    fn non_finite_numbers_are_one_problem_each() {
+        let cfg =
+            Config::parse("[run]\ndrain_seconds = inf\n[audio]\nqueue_seconds = inf\n").unwrap();
+        let v = cfg.validate();
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(
+            v.iter()
+                .any(|p| p == "[run] drain_seconds must be a finite number, got inf"),
+            "{v:?}"
+        );
+        let cfg = Config::parse("[[source]]\nuri = \"a.mp4\"\nfps = nan\n").unwrap();
+        let v = cfg.validate().join("\n");
+        assert!(
+            v.contains("[[source]] #1 fps must be a finite number"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn syntax_and_type_errors_never_quote_secrets() {
+        let p = Config::parse("[http]\nlisten = \"127.0.0.1:1\"\ntoken = \"abc-secret-123\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(p.starts_with("TOML syntax error at line 3"), "{p}");
+        assert!(!p.contains("secret-123"), "{p}");
+        let p = Config::parse("[[source]]\nuri = \"rtsp://h/x\"\npassword = 13572468\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            p.contains("[[source]] #1") && !p.contains("13572468"),
+            "{p}"
+        );
+        let p = Config::parse("[http]\ntoken = 97531\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(p.contains("[http]") && !p.contains("97531"), "{p}");
     }
 
     #[test]
