@@ -514,19 +514,118 @@ impl Default for AnalysisConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+/// The HTTP server and who may use it (README "Security").
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Address for /metrics and /healthz; loopback unless you mean to expose it.
+    /// Address for the page, feeds, control API, /metrics and /healthz; loopback unless you
+    /// mean to expose it (then `token` is required).
     pub listen: String,
     pub enabled: bool,
+    /// Bearer token every route but `/healthz` requires; the environment variable
+    /// `PERCEPT_HTTP_TOKEN` wins over it. Unset: no authentication (loopback only).
+    pub token: Option<String>,
+    /// `Host` values served besides loopback names of the listen port: `name` (any port),
+    /// `name:port`, or `*` for any (behind a reverse proxy that checks it).
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`scheme://host[:port]`) allowed besides the server's own on feeds,
+    /// WebSocket upgrades and state-changing routes.
+    pub allowed_origins: Vec<String>,
+    /// URI schemes a source added over HTTP may use: rtsp, rtsps, http, https, file, v4l2,
+    /// pulse, alsa, test.
+    pub api_schemes: Vec<String>,
+    /// Live feed clients (SSE and WebSocket together) served at once; more get 503.
+    pub max_feed_clients: usize,
 }
+
+impl std::fmt::Debug for HttpConfig {
+    // The token never reaches a log through `{:?}` of the config.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("enabled", &self.enabled)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("api_schemes", &self.api_schemes)
+            .field("max_feed_clients", &self.max_feed_clients)
+            .finish()
+    }
+}
+
+/// Schemes `[http] api_schemes` may name.
+pub const API_SCHEMES: &[&str] = &[
+    "rtsp", "rtsps", "http", "https", "file", "v4l2", "pulse", "alsa", "test",
+];
+/// Network streams only: local files and devices stay closed to the API unless listed.
+pub const DEFAULT_API_SCHEMES: &[&str] = &["rtsp", "rtsps", "http", "https"];
+/// Each feed client costs a small OS thread and a 256-event subscription.
+pub const DEFAULT_MAX_FEED_CLIENTS: usize = 64;
+pub const MAX_FEED_CLIENTS_LIMIT: usize = 4096;
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: DEFAULT_LISTEN.into(),
             enabled: true,
+            token: None,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            api_schemes: DEFAULT_API_SCHEMES.iter().map(|s| s.to_string()).collect(),
+            max_feed_clients: DEFAULT_MAX_FEED_CLIENTS,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The token in force: `PERCEPT_HTTP_TOKEN` when set and not empty, else `[http] token`.
+    pub fn effective_token(&self) -> Option<String> {
+        std::env::var("PERCEPT_HTTP_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| self.token.clone())
+    }
+
+    fn validate(&self, p: &mut Vec<String>) {
+        if let Some(t) = &self.token {
+            if t.trim().is_empty() {
+                p.push("[http] token must not be empty (remove it to run without one)".into());
+            } else if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                p.push("[http] token must not contain spaces or control characters".into());
+            }
+        }
+        for s in &self.api_schemes {
+            if !API_SCHEMES.contains(&s.as_str()) {
+                p.push(format!(
+                    "[http] api_schemes: unknown scheme '{s}' (known: {})",
+                    API_SCHEMES.join(", ")
+                ));
+            }
+        }
+        for o in &self.allowed_origins {
+            let ok = o == "*"
+                || url::Url::parse(o)
+                    .ok()
+                    .filter(|u| u.host_str().is_some())
+                    .is_some_and(|u| u.origin().ascii_serialization() == o.trim_end_matches('/'));
+            if !ok {
+                p.push(format!(
+                    "[http] allowed_origins: '{o}' is not an origin like https://example.com or http://host:8080"
+                ));
+            }
+        }
+        for h in &self.allowed_hosts {
+            if h.is_empty() || h.contains(['/', ' ', '@']) {
+                p.push(format!(
+                    "[http] allowed_hosts: '{h}' is not a host like example.com or example.com:9464"
+                ));
+            }
+        }
+        if !(1..=MAX_FEED_CLIENTS_LIMIT).contains(&self.max_feed_clients) {
+            p.push(format!(
+                "[http] max_feed_clients must be in 1..={MAX_FEED_CLIENTS_LIMIT}, got {}",
+                self.max_feed_clients
+            ));
         }
     }
 }
@@ -571,11 +670,25 @@ impl Config {
     fn parse_collect(text: &str) -> (Config, Vec<String>) {
         let table: toml::Table = match text.parse() {
             Ok(t) => t,
-            Err(e) => {
-                let e: toml::de::Error = e;
-                return (Config::default(), vec![one_line(&e.to_string())]);
-            }
+            Err(e) => return (Config::default(), vec![syntax_error(text, &e)]),
         };
+        let secrets = secret_values(&toml::Value::Table(table.clone()));
+        let (cfg, problems) = Self::parse_table(table);
+        // A value of the wrong type is quoted by serde ("invalid type: integer `123`"): a
+        // password or token must not reach a terminal, a log or a reload's error body.
+        let problems = problems
+            .into_iter()
+            .map(|mut msg| {
+                for s in &secrets {
+                    msg = msg.replace(s.as_str(), "***");
+                }
+                msg
+            })
+            .collect();
+        (cfg, problems)
+    }
+
+    fn parse_table(table: toml::Table) -> (Config, Vec<String>) {
         let mut problems = Vec::new();
         let mut cfg = Config::default();
         for (key, value) in table {
@@ -828,13 +941,156 @@ impl Config {
                 p.push(format!("{at}: give password or password_env, not both"));
             }
         }
+        self.http.validate(&mut p);
+        self.check_bounds(&mut p);
         p
+    }
+
+    /// Values that pass the range checks above yet break the run: infinities and NaN (a
+    /// `Duration` from `inf` panics at shutdown) and queue sizes whose up-front allocation
+    /// aborts the process.
+    fn check_bounds(&self, p: &mut Vec<String>) {
+        if let Ok(toml::Value::Table(t)) = toml::Value::try_from(self) {
+            for (section, v) in &t {
+                if section == "source" {
+                    if let toml::Value::Array(items) = v {
+                        for (i, item) in items.iter().enumerate() {
+                            non_finite(&format!("[[source]] #{}", i + 1), "", item, p);
+                        }
+                    }
+                } else {
+                    non_finite(&format!("[{section}]"), "", v, p);
+                }
+            }
+        }
+        // Non-finite values were reported just above, once.
+        let mut check = |ok: bool, msg: String| {
+            if !ok {
+                p.push(msg);
+            }
+        };
+        check(
+            !self.run.drain_seconds.is_finite() || self.run.drain_seconds <= MAX_DRAIN_SECONDS,
+            format!(
+                "[run] drain_seconds must be at most {MAX_DRAIN_SECONDS}, got {}",
+                self.run.drain_seconds
+            ),
+        );
+        check(
+            self.video.queue_frames <= MAX_QUEUE_FRAMES,
+            format!(
+                "[video] queue_frames must be at most {MAX_QUEUE_FRAMES}, got {}",
+                self.video.queue_frames
+            ),
+        );
+        check(
+            !self.audio.queue_seconds.is_finite() || self.audio.queue_seconds <= MAX_QUEUE_SECONDS,
+            format!(
+                "[audio] queue_seconds must be at most {MAX_QUEUE_SECONDS}, got {}",
+                self.audio.queue_seconds
+            ),
+        );
+        check(
+            !self.queues.budget_mib.is_finite() || self.queues.budget_mib <= MAX_BUDGET_MIB,
+            format!(
+                "[queues] budget_mib must be at most {MAX_BUDGET_MIB}, got {}",
+                self.queues.budget_mib
+            ),
+        );
+    }
+}
+
+/// Longest drain after SIGTERM, in seconds.
+pub const MAX_DRAIN_SECONDS: f64 = 3600.0;
+/// Most frames a video queue holds (its slots are allocated at start).
+pub const MAX_QUEUE_FRAMES: usize = 1024;
+/// Most seconds of audio an audio queue holds (its slots are allocated at start).
+pub const MAX_QUEUE_SECONDS: f64 = 600.0;
+/// Largest byte budget for all queues together, in MiB (1 TiB).
+pub const MAX_BUDGET_MIB: f64 = 1024.0 * 1024.0;
+
+/// Every float under `v` that is infinite or NaN, named by its section and key.
+fn non_finite(section: &str, key: &str, v: &toml::Value, p: &mut Vec<String>) {
+    match v {
+        toml::Value::Float(x) if !x.is_finite() => {
+            p.push(format!("{section} {key} must be a finite number, got {x}"));
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if key.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{key}.{k}")
+                };
+                non_finite(section, &key, v, p);
+            }
+        }
+        toml::Value::Array(a) => {
+            for v in a {
+                non_finite(section, key, v, p);
+            }
+        }
+        _ => {}
     }
 }
 
 fn section<T: serde::de::DeserializeOwned>(value: toml::Value, into: &mut T) -> Result<(), String> {
     *into = T::deserialize(value).map_err(|e| one_line(&e.to_string()))?;
     Ok(())
+}
+
+/// A TOML syntax error as one line with its position but without the quoted source line: the
+/// line may be `password = "...`.
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = one_line(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("TOML syntax error at line {line}, column {column}: {msg}")
+        }
+        None => format!("TOML syntax error: {msg}"),
+    }
+}
+
+/// Values of secret-looking keys (`password`, `token`, `secret`) anywhere in the tree, as
+/// they could appear in an error message; short ones are left (they would blank out words).
+fn secret_values(v: &toml::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let k = k.to_ascii_lowercase();
+                    // `password_env` names a variable; its value is not the secret.
+                    if !k.ends_with("_env")
+                        && ["password", "token", "secret"]
+                            .iter()
+                            .any(|s| k.contains(s))
+                    {
+                        let text = match v {
+                            toml::Value::String(s) => s.clone(),
+                            toml::Value::Table(_) | toml::Value::Array(_) => {
+                                walk(v, out);
+                                continue;
+                            }
+                            other => other.to_string(),
+                        };
+                        if text.chars().count() >= 3 {
+                            out.push(text);
+                        }
+                    } else {
+                        walk(v, out);
+                    }
+                }
+            }
+            toml::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(v, &mut out);
+    out
 }
 
 /// Collapses an error message (TOML errors span lines) into one line.
@@ -862,6 +1118,45 @@ mod tests {
             assert!(!text.trim().is_empty(), "config/prompts.toml lost a prompt");
         }
         assert!(p.watch.contains("{questions}"));
+    }
+
+    #[test]
+    fn non_finite_numbers_are_one_problem_each() {
+        let cfg =
+            Config::parse("[run]\ndrain_seconds = inf\n[audio]\nqueue_seconds = inf\n").unwrap();
+        let v = cfg.validate();
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(
+            v.iter()
+                .any(|p| p == "[run] drain_seconds must be a finite number, got inf"),
+            "{v:?}"
+        );
+        let cfg = Config::parse("[[source]]\nuri = \"a.mp4\"\nfps = nan\n").unwrap();
+        let v = cfg.validate().join("\n");
+        assert!(
+            v.contains("[[source]] #1 fps must be a finite number"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn syntax_and_type_errors_never_quote_secrets() {
+        let p = Config::parse("[http]\nlisten = \"127.0.0.1:1\"\ntoken = \"abc-secret-123\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(p.starts_with("TOML syntax error at line 3"), "{p}");
+        assert!(!p.contains("secret-123"), "{p}");
+        let p = Config::parse("[[source]]\nuri = \"rtsp://h/x\"\npassword = 13572468\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            p.contains("[[source]] #1") && !p.contains("13572468"),
+            "{p}"
+        );
+        let p = Config::parse("[http]\ntoken = 97531\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(p.contains("[http]") && !p.contains("97531"), "{p}");
     }
 
     #[test]

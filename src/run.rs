@@ -724,6 +724,10 @@ pub fn run_with(
     if !problems.is_empty() {
         return Err(RunError::Config(problems.join("; ")));
     }
+    // Before the model loads: an exposed server without a token must not start at all.
+    if cfg.http.enabled {
+        http::check_exposure(&cfg.http).map_err(RunError::Config)?;
+    }
     let prepared = prepare(cfg)?;
     if prepared.is_empty() {
         return Err(RunError::NoSources);
@@ -816,8 +820,8 @@ pub fn run_with(
     });
     let _server = if cfg.http.enabled {
         let control: Arc<dyn ControlApi> = shared.clone();
-        let s = http::serve(
-            &cfg.http.listen,
+        let s = http::serve_with(
+            &cfg.http,
             http::AppState {
                 metrics: metrics.clone(),
                 board: board.clone(),

@@ -119,6 +119,33 @@ impl SourceKind {
         }
     }
 
+    /// The URI scheme this source was given with, as `[http] api_schemes` names it: `file`
+    /// (also for plain paths), `rtsp` (also `rtspt`), `rtsps`, `http`, `https`, `v4l2`,
+    /// `pulse`, `alsa` or `test`.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            SourceKind::File(_) => "file",
+            SourceKind::Rtsp { location, .. } => {
+                if location.starts_with("rtsps:") {
+                    "rtsps"
+                } else {
+                    "rtsp"
+                }
+            }
+            SourceKind::Http { location } => {
+                if location.starts_with("https:") {
+                    "https"
+                } else {
+                    "http"
+                }
+            }
+            SourceKind::V4l2 { .. } => "v4l2",
+            SourceKind::Pulse { .. } => "pulse",
+            SourceKind::Alsa { .. } => "alsa",
+            SourceKind::Test(_) => "test",
+        }
+    }
+
     /// Sources worth reconnecting to after an error, a stall or an EOS.
     pub fn reconnects(&self) -> bool {
         matches!(
@@ -164,20 +191,24 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Replace the password in `user:password@` and secret-looking query values with `***`.
+///
+/// Users type passwords unencoded, so a password may hold `/`, `?`, `#` or `@`: the userinfo
+/// is taken to run from the first `:` (when no `/`, `?` or `#` comes before it) to the last
+/// `@`. A URL like `rtsp://host:554/a@b` is then shown as `rtsp://host:***@b`: showing too
+/// little is the safe side of the ambiguity.
 pub fn redact(uri: &str) -> String {
     let mut out = uri.to_string();
     if let Some(scheme_end) = out.find("://") {
         let rest_start = scheme_end + 3;
-        let authority_end = out[rest_start..]
-            .find(['/', '?', '#'])
-            .map_or(out.len(), |i| rest_start + i);
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
-            let userinfo = &out[rest_start..rest_start + at];
-            let redacted = match userinfo.find(':') {
-                Some(colon) => format!("{}:***", &userinfo[..colon]),
-                None => userinfo.to_string(),
-            };
-            out.replace_range(rest_start..rest_start + at, &redacted);
+        let rest = &out[rest_start..];
+        let first_delim = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let colon = rest.find(':').filter(|&c| c < first_delim);
+        let last_at = rest.rfind('@');
+        match (colon, last_at) {
+            (Some(c), Some(at)) if c < at => {
+                out.replace_range(rest_start + c + 1..rest_start + at, "***");
+            }
+            _ => {}
         }
     }
     if let Some(q) = out.find('?') {
@@ -194,6 +225,48 @@ pub fn redact(uri: &str) -> String {
     out
 }
 
+/// [`redact`] applied to every URL inside a longer text (a gst-launch description, an error
+/// message): each `scheme://...` run up to whitespace or a quote is redacted on its own.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        // The scheme: letters, digits, '+', '-', '.' just before "://".
+        let scheme_start = rest[..i]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |p| p + 1);
+        let end = rest[i..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>'))
+            .map_or(rest.len(), |e| i + e);
+        out.push_str(&rest[..scheme_start]);
+        out.push_str(&redact(&rest[scheme_start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Percent-decoding of URL userinfo. Unlike form decoding, `+` stays a plus sign: RTSP
+/// passwords such as `a+b` must reach the camera as typed.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     [
@@ -205,9 +278,12 @@ fn is_secret_key(key: &str) -> bool {
         "key",
         "auth",
         "signature",
+        "credential",
     ]
     .iter()
     .any(|s| k.contains(s))
+        // Signed URLs (CloudFront, Azure SAS) call it `sig`.
+        || k == "sig"
 }
 
 fn invalid(uri: &str, reason: impl Into<String>) -> SourceError {
@@ -315,15 +391,9 @@ fn parse_rtsp(uri: &str) -> Result<SourceKind, SourceError> {
         transport = RtspTransport::Tcp;
     }
     let credentials = if !u.username().is_empty() || u.password().is_some() {
-        let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
-        };
         Some(Credentials {
-            user: decode(u.username()),
-            password: decode(u.password().unwrap_or("")),
+            user: percent_decode(u.username()),
+            password: percent_decode(u.password().unwrap_or("")),
         })
     } else {
         None
@@ -342,6 +412,15 @@ fn parse_rtsp(uri: &str) -> Result<SourceKind, SourceError> {
         transport,
     })
 }
+
+/// Largest width or height of a `test:` source, in pixels.
+pub const TEST_MAX_SIDE: u32 = 7680;
+/// Largest frame of a `test:` source: 8K UHD (7680x4320).
+pub const TEST_MAX_PIXELS: u64 = 7680 * 4320;
+/// Highest `test:` frame rate.
+pub const TEST_MAX_FPS: u32 = 240;
+/// Longest finite `test:` duration, in seconds (one week).
+pub const TEST_MAX_DURATION: f64 = 7.0 * 86_400.0;
 
 fn parse_test(uri: &str, rest: &str) -> Result<TestSpec, SourceError> {
     let mut spec = TestSpec::default();
@@ -380,6 +459,40 @@ fn parse_test(uri: &str, rest: &str) -> Result<TestSpec, SourceError> {
     }
     if spec.video.is_none() && spec.audio.is_none() {
         return Err(invalid(uri, "a test source needs video or audio"));
+    }
+    // Bounds keep a typo (or an API caller) from asking GStreamer for frames it cannot
+    // allocate: 40000x40000 RGBA is 6.4 GB per frame.
+    if !(16..=TEST_MAX_SIDE).contains(&spec.width) || !(16..=TEST_MAX_SIDE).contains(&spec.height) {
+        return Err(invalid(
+            uri,
+            format!(
+                "width and height must be in 16..={TEST_MAX_SIDE}, got {}x{}",
+                spec.width, spec.height
+            ),
+        ));
+    }
+    if u64::from(spec.width) * u64::from(spec.height) > TEST_MAX_PIXELS {
+        return Err(invalid(
+            uri,
+            format!(
+                "{}x{} is more than {TEST_MAX_PIXELS} pixels (8K UHD)",
+                spec.width, spec.height
+            ),
+        ));
+    }
+    if !(1..=TEST_MAX_FPS).contains(&spec.framerate) {
+        return Err(invalid(
+            uri,
+            format!("fps must be in 1..={TEST_MAX_FPS}, got {}", spec.framerate),
+        ));
+    }
+    if spec.duration.is_some_and(|d| d > TEST_MAX_DURATION) {
+        return Err(invalid(
+            uri,
+            format!(
+                "duration must be at most {TEST_MAX_DURATION} s (omit it to run until stopped)"
+            ),
+        ));
     }
     Ok(spec)
 }
@@ -498,6 +611,104 @@ mod tests {
         assert!(parse("test:?bogus=1").is_err());
         assert!(parse("test:?video=none&audio=none").is_err());
         assert!(parse("gopher://x").is_err());
+    }
+
+    #[test]
+    fn rtsp_password_plus_is_a_plus_not_a_space() {
+        let s = parse("rtsp://admin:a+b%2Bc%20d@10.0.0.5/s").unwrap();
+        let SourceKind::Rtsp { credentials, .. } = s.kind else {
+            panic!()
+        };
+        let c = credentials.unwrap();
+        assert_eq!(c.password, "a+b+c d");
+        let s = parse("rtsp://us+er:x@10.0.0.5/s").unwrap();
+        let SourceKind::Rtsp { credentials, .. } = s.kind else {
+            panic!()
+        };
+        assert_eq!(credentials.unwrap().user, "us+er");
+    }
+
+    #[test]
+    fn redact_hides_passwords_holding_url_delimiters() {
+        for pw in ["pa/ss", "pa?ss", "pa#ss", "p@ss/w?#rd", "a:b", "x/@y"] {
+            let uri = format!("rtsp://admin:{pw}@10.0.0.5:554/stream1");
+            let r = redact(&uri);
+            assert_eq!(r, "rtsp://admin:***@10.0.0.5:554/stream1", "{pw}");
+            let uri = format!("https://admin:{pw}@cdn.example/live.m3u8?token=abc");
+            let r = redact(&uri);
+            assert_eq!(
+                r, "https://admin:***@cdn.example/live.m3u8?token=***",
+                "{pw}"
+            );
+        }
+        // Nothing to hide: left alone.
+        for plain in [
+            "rtsp://10.0.0.5:554/stream1",
+            "rtsp://admin@10.0.0.5/s",
+            "https://h/a:b/c",
+            "https://h/x@y",
+        ] {
+            assert_eq!(redact(plain), plain);
+        }
+    }
+
+    #[test]
+    fn redact_text_finds_every_url() {
+        let desc =
+            "souphttpsrc location=\"https://u:p/w@cdn.example/x.m3u8?sig=zz&a=1\" is-live=true ! \
+                    decodebin  rtspsrc location=\"rtsp://admin:s3cr?t@cam/x\" protocols=tcp";
+        let r = redact_text(desc);
+        assert!(
+            !r.contains("p/w") && !r.contains("zz") && !r.contains("s3cr"),
+            "{r}"
+        );
+        assert!(
+            r.contains("is-live=true ! decodebin") || r.contains("is-live=true !"),
+            "{r}"
+        );
+        assert!(r.contains("protocols=tcp"), "{r}");
+        assert!(
+            r.contains("https://u:***@cdn.example/x.m3u8?sig=***&a=1"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn test_source_sizes_are_bounded() {
+        for bad in [
+            "test:?width=40000&height=40000",
+            "test:?width=8&height=8",
+            "test:?width=7680&height=7680",
+            "test:?fps=1000",
+            "test:?fps=0.5",
+            "test:?duration=1e300",
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with("source 'test:"), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        assert!(parse("test:?width=7680&height=4320&fps=60").is_ok());
+    }
+
+    #[test]
+    fn schemes_as_api_schemes_names_them() {
+        let cases = [
+            ("/tmp/a.mp4", "file"),
+            ("file:///tmp/a.mp4", "file"),
+            ("x=file:///tmp/a.mp4", "file"),
+            ("rtsp://h/x", "rtsp"),
+            ("rtspt://h/x", "rtsp"),
+            ("rtsps://h/x", "rtsps"),
+            ("http://h/x", "http"),
+            ("https://h/x", "https"),
+            ("v4l2://", "v4l2"),
+            ("pulse://", "pulse"),
+            ("alsa://", "alsa"),
+            ("test:", "test"),
+        ];
+        for (uri, scheme) in cases {
+            assert_eq!(parse(uri).unwrap().kind.scheme(), scheme, "{uri}");
+        }
     }
 
     #[test]

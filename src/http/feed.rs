@@ -5,6 +5,8 @@
 //! loses its own events and never slows the pipeline. A small std thread per client moves
 //! events from that crossbeam channel into tokio (crossbeam's `recv` would block a tokio
 //! worker), filters and serializes them there, and ends within [`POLL`] of the client leaving.
+//! Clients beyond `[http] max_feed_clients` are refused with 503, so no number of open tabs
+//! or scripted connections can take more than that many threads.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -16,7 +18,12 @@ use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use serde::Deserialize;
 
-use super::AppState;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::Extension;
+
+use super::{ApiError, AppState, FeedPermit, FeedSlots};
 use crate::event::Event;
 use crate::sink::Events;
 
@@ -120,33 +127,71 @@ fn forward(
     }
 }
 
+/// A slot for one more feed client, or the 503 that refuses it. Without a guard (a router
+/// built by [`super::app`] alone) there is no cap.
+fn admit(slots: Option<Extension<Arc<FeedSlots>>>) -> Result<Option<FeedPermit>, ApiError> {
+    let Some(Extension(slots)) = slots else {
+        return Ok(None);
+    };
+    match slots.try_acquire() {
+        Some(p) => Ok(Some(p)),
+        None => {
+            tracing::warn!(
+                max = slots.max(),
+                "Feed client refused: [http] max_feed_clients reached."
+            );
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "too many feed clients ({} connected, [http] max_feed_clients); try again later",
+                    slots.max()
+                ),
+            ))
+        }
+    }
+}
+
 /// `GET /v1/events`: `event: <kind>` and `data: <event JSON>` per event.
 pub(super) async fn sse(
     State(s): State<AppState>,
     Query(q): Query<FeedQuery>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    slots: Option<Extension<Arc<FeedSlots>>>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let permit = admit(slots)?;
     let rx = subscribe(&s.events, Filter::from_query(&q));
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    // The permit lives as long as the stream: the slot frees when the client leaves.
+    let stream = futures_util::stream::unfold((rx, permit), |(mut rx, permit)| async move {
         let item = rx.recv().await?;
         let ev = SseEvent::default().event(item.kind).data(item.json);
-        Some((Ok(ev), rx))
+        Some((Ok(ev), (rx, permit)))
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
 /// `GET /v1/ws`: one text frame of event JSON per event; client messages are ignored.
 pub(super) async fn ws(
     State(s): State<AppState>,
     Query(q): Query<FeedQuery>,
+    slots: Option<Extension<Arc<FeedSlots>>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // Refused before the upgrade, so the client sees a 503 rather than a closed socket.
+    let permit = match admit(slots) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
     let filter = Filter::from_query(&q);
     upgrade
-        .on_upgrade(move |socket| ws_session(socket, s.events, filter))
+        .on_upgrade(move |socket| ws_session(socket, s.events, filter, permit))
         .into_response()
 }
 
-async fn ws_session(mut socket: WebSocket, events: Events, filter: Filter) {
+async fn ws_session(
+    mut socket: WebSocket,
+    events: Events,
+    filter: Filter,
+    _permit: Option<FeedPermit>,
+) {
     let mut rx = subscribe(&events, filter);
     let mut ping = tokio::time::interval(KEEP_ALIVE);
     ping.tick().await;

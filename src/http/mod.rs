@@ -4,7 +4,10 @@
 
 mod control;
 mod feed;
+mod guard;
 mod page;
+
+pub use guard::{check_exposure, constant_time_eq, FeedPermit, FeedSlots, Guard};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -13,6 +16,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use std::sync::Arc;
 
+use crate::config::HttpConfig;
 use crate::control::{ControlApi, LiveBoard, ModelStatus};
 use crate::event::SourceState;
 use crate::ingest::supervisor::StateBoard;
@@ -124,9 +128,33 @@ pub enum HttpError {
     Bind { addr: String, error: std::io::Error },
     #[error("cannot start HTTP runtime: {0}")]
     Runtime(std::io::Error),
+    /// Serving beyond loopback without a token.
+    #[error("{0}")]
+    Exposed(String),
 }
 
+/// [`app`] behind the [`Guard`]: origin, host, token, body and scheme checks on every route.
+pub fn guarded_app(state: AppState, guard: Arc<Guard>) -> Router {
+    app(state).layer(axum::middleware::from_fn_with_state(guard, guard::check))
+}
+
+/// [`serve_with`] with the default `[http]` settings on `listen` (loopback hosts only, no
+/// token unless `PERCEPT_HTTP_TOKEN` is set).
 pub fn serve(listen: &str, state: AppState) -> Result<Server, HttpError> {
+    serve_with(
+        &HttpConfig {
+            listen: listen.to_string(),
+            ..HttpConfig::default()
+        },
+        state,
+    )
+}
+
+/// Serve on `cfg.listen` with `cfg`'s access rules. A non-loopback address without a token
+/// is refused before anything binds.
+pub fn serve_with(cfg: &HttpConfig, state: AppState) -> Result<Server, HttpError> {
+    check_exposure(cfg).map_err(HttpError::Exposed)?;
+    let listen = cfg.listen.as_str();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("percept-http")
@@ -143,13 +171,14 @@ pub fn serve(listen: &str, state: AppState) -> Result<Server, HttpError> {
         addr: listen.to_string(),
         error,
     })?;
+    let router = guarded_app(state, Arc::new(Guard::new(cfg, addr)));
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let mut grace_rx = tx.subscribe();
     let thread = std::thread::Builder::new()
         .name("percept-http".into())
         .spawn(move || {
             rt.block_on(async move {
-                let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+                let server = axum::serve(listener, router).with_graceful_shutdown(async move {
                     let _ = rx.wait_for(|stop| *stop).await;
                 });
                 // Live feeds never end on their own, so a graceful shutdown would wait for

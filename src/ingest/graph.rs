@@ -369,7 +369,8 @@ fn custom_vars(spec: &SourceSpec, p: &GraphParams) -> Vars {
 /// Build the graph for one connection. Nothing runs until the caller sets it to PLAYING.
 pub fn build(spec: &SourceSpec, session: &Arc<Session>) -> Result<gst::Pipeline, GraphError> {
     let desc = source_description(spec, &session.params)?;
-    tracing::debug!(source = %spec.name, graph = %desc, "Building graph.");
+    // The description holds the location: credentials and signed query values are hidden.
+    tracing::debug!(source = %spec.name, graph = %crate::source::redact_text(&desc), "Building graph.");
     // Ghost pads are made here, not by the parser: it would also ghost not-yet-existing
     // sometimes pads (parsebin's), which breaks their later exposure.
     let bin = gst::parse::bin_from_description(&desc, false)

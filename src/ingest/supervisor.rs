@@ -13,7 +13,7 @@ use super::graph::{self, GraphParams, Session};
 use super::{audio_file, Feed};
 use crate::config::ReconnectConfig;
 use crate::event::{Body, SourceState};
-use crate::source::{redact, SourceKind, SourceSpec};
+use crate::source::{redact_text as redact, SourceKind, SourceSpec};
 
 /// Current state of every source, for `/healthz`.
 #[derive(Default)]

@@ -58,7 +58,8 @@ fn sources_are_added_retasked_and_removed_at_runtime() {
         &cfg,
         format!(
             "[model]\nid = \"{}\"\nmax_tokens = 4\n\
-             [governor]\nsoft_tokens = 70\nheartbeat_seconds = 1.0\n[captions]\ndir = \"\"\n",
+             [governor]\nsoft_tokens = 70\nheartbeat_seconds = 1.0\n[captions]\ndir = \"\"\n\
+             [http]\napi_schemes = [\"test\"]\n",
             fixture_model()
         ),
     )

@@ -173,8 +173,9 @@ fn request(r: &Running, method: &str, path: &str, body: Option<&str>) -> Reply {
     let body = body.unwrap_or("");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        r.server.addr,
         body.len()
     )
     .unwrap();
@@ -278,7 +279,8 @@ impl SseClient {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         write!(
             s,
-            "GET /v1/events{query} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n"
+            "GET /v1/events{query} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+            r.server.addr
         )
         .unwrap();
         let mut reader = BufReader::new(s);
@@ -567,7 +569,7 @@ fn control_api_without_control_is_503() {
     let r = start(None);
     for (method, path, body) in [
         ("GET", "/v1/sources", None),
-        ("POST", "/v1/sources", Some(r#"{"uri":"x"}"#)),
+        ("POST", "/v1/sources", Some(r#"{"uri":"rtsp://cam/x"}"#)),
         ("DELETE", "/v1/sources/a", None),
         ("PUT", "/v1/sources/a/task", Some("{}")),
         ("POST", "/v1/reload", None),

@@ -14,3 +14,4 @@ mod live;
 mod model_worker;
 mod mqtt;
 mod rtsp;
+mod security;
