@@ -385,6 +385,9 @@ struct PersistentBroker {
 
 impl PersistentBroker {
     fn start(port: u16, dir: &std::path::Path) -> PersistentBroker {
+        // Started as root, mosquitto drops to its own user, which must be able to save.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
