@@ -383,6 +383,25 @@ mod tests {
         assert!(ob.read(first).is_none());
         assert_eq!(ob.read(ob.next_after(None).unwrap()).unwrap(), [b'y'; 40]);
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 2);
+        let registry = prometheus::Registry::new();
+        metrics(Some(&registry));
+        let mut text = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut text,
+        )
+        .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        let line = format!(
+            "percept_outbox_dropped_total{{destination=\"{}\"}} 1",
+            ob.name()
+        );
+        assert!(text.contains(&line), "{text}");
+        assert!(text.contains(&format!(
+            "percept_outbox_pending{{destination=\"{}\"}} 2",
+            ob.name()
+        )));
         let _ = std::fs::remove_dir_all(&d);
     }
 

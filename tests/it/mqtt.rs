@@ -563,8 +563,15 @@ fn broker_down_and_sigkill_lose_no_event() {
     }
     child.kill().unwrap();
     let _ = child.wait();
-    let first = ids_of_kind(&crate::common::read_events(&events1), "frame");
+    let ev1 = crate::common::read_events(&events1);
+    let first = ids_of_kind(&ev1, "frame");
     assert!(first.len() >= 8);
+    // Ids: one run id, then the source, then 1, 2, 3... in file order.
+    let run = first[0].split('-').next().unwrap().to_string();
+    assert_eq!(run.len(), 15, "{run}");
+    for (i, e) in ev1.iter().enumerate() {
+        assert_eq!(e["id"], format!("{run}-cam-{}", i + 1), "{e}");
+    }
     let pending = std::fs::read_dir(d.join("outbox").join("mqtt"))
         .unwrap()
         .count();
