@@ -412,4 +412,20 @@ mod tests {
         assert_ne!(k, url_key("http://h:1/hook?token=other"));
         assert!(!k.contains("secret") && k.starts_with("webhook-"));
     }
+
+    #[test]
+    fn config_bounds() {
+        assert!(OutboxConfig::default().problems().is_empty());
+        let bad = OutboxConfig {
+            dir: " ".into(),
+            max_mib: 0,
+        };
+        assert_eq!(
+            bad.problems(),
+            [
+                "[outbox] dir must not be empty",
+                "[outbox] max_mib must be in 1..=1048576, got 0"
+            ]
+        );
+    }
 }

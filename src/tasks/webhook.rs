@@ -574,4 +574,21 @@ mod tests {
         hooks.stop();
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    /// `percept config check` names a bad receiver without its path or query either.
+    #[test]
+    fn config_check_does_not_echo_the_token() {
+        let mut cfg = crate::config::Config::default();
+        cfg.alerts.webhooks =
+            vec!["https://hooks.example:8443/services/T0/B1/s3cr3t?token=abc".into()];
+        let problems = cfg.validate().join("; ");
+        assert!(
+            problems.contains("'https://hooks.example:8443/…' must be an http:// URL"),
+            "{problems}"
+        );
+        assert!(
+            !problems.contains("s3cr3t") && !problems.contains("abc"),
+            "{problems}"
+        );
+    }
 }
