@@ -28,6 +28,7 @@ pub struct Config {
     pub captions: CaptionConfig,
     pub alerts: AlertConfig,
     pub mqtt: MqttConfig,
+    pub outbox: crate::sink::outbox::OutboxConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -371,6 +372,10 @@ pub struct MqttConfig {
     pub password_env: Option<String>,
     /// Event kinds published; empty = all.
     pub kinds: Vec<String>,
+    /// Publish Home Assistant discovery configs and entity states (see README).
+    pub homeassistant: bool,
+    /// Home Assistant's discovery prefix.
+    pub discovery_prefix: String,
 }
 
 impl Default for MqttConfig {
@@ -385,6 +390,8 @@ impl Default for MqttConfig {
             user: None,
             password_env: None,
             kinds: Vec::new(),
+            homeassistant: false,
+            discovery_prefix: "homeassistant".into(),
         }
     }
 }
@@ -707,6 +714,7 @@ impl Config {
                 "captions" => section(value, &mut cfg.captions),
                 "alerts" => section(value, &mut cfg.alerts),
                 "mqtt" => section(value, &mut cfg.mqtt),
+                "outbox" => section(value, &mut cfg.outbox),
                 "source" => match value {
                     toml::Value::Array(items) => {
                         for (i, item) in items.into_iter().enumerate() {
@@ -881,6 +889,9 @@ impl Config {
             self.mqtt.qos <= 1,
             format!("[mqtt] qos must be 0 or 1, got {}", self.mqtt.qos),
         );
+        for problem in self.outbox.problems() {
+            check(false, problem);
+        }
         for w in &self.alerts.webhooks {
             // Spoken directly over plain HTTP (no TLS stack in percept): https receivers go
             // behind a TLS-terminating proxy.
@@ -888,7 +899,7 @@ impl Config {
                 w.starts_with("http://"),
                 format!(
                     "[alerts] webhook '{}' must be an http:// URL (put https receivers behind a local TLS proxy)",
-                    w.split('?').next().unwrap_or("")
+                    crate::tasks::webhook::redact(w)
                 ),
             );
         }

@@ -1,10 +1,20 @@
 //! The event contract: one JSON object per line, every event with `source`, `kind` and `t`
 //! (media seconds where it starts) and `end` for spans. Sinks serialize these and nothing else.
+//!
+//! Every emitted event also carries an `id`, `<run>-<source>-<seq>`: `run` is 15 lowercase hex
+//! digits fixed for one `percept run` (start time in milliseconds, then 4 random digits, so
+//! later runs sort after earlier ones), `seq` counts the source's events from 1 in the order
+//! they were written. The same event delivered twice (MQTT, webhooks: at least once) has the
+//! same id, so a consumer drops duplicates by id; within a source and run, a larger `seq` is a
+//! later event. The id is given by [`crate::sink::Events::emit`].
 
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Event {
+    /// `<run>-<source>-<seq>` (see the module doc); None until the event is emitted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub source: String,
     pub t: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,6 +213,7 @@ pub struct Summary {
 impl Event {
     pub fn new(source: &str, t: f64, end: Option<f64>, body: Body) -> Event {
         Event {
+            id: None,
             source: source.to_string(),
             t: round_ms(t),
             end: end.map(round_ms),

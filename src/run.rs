@@ -774,19 +774,9 @@ pub fn run_with(
         .name("percept-worker".into())
         .spawn(move || worker.run())
         .map_err(|e| RunError::Gst(format!("cannot start worker: {e}")))?;
-    let mqtt = if cfg.mqtt.enabled {
-        match crate::sink::mqtt::MqttSink::start(&cfg.mqtt, &events) {
-            Ok(m) => Some(m),
-            Err(e) => return Err(RunError::Config(format!("[mqtt]: {e}"))),
-        }
-    } else {
-        None
-    };
-    let webhooks = crate::tasks::webhook::Webhooks::start(
-        cfg.alerts.webhooks.clone(),
-        cfg.alerts.webhook_attempts,
-        events.clone(),
-    );
+    let names: Vec<String> = prepared.iter().map(|p| p.spec.name.clone()).collect();
+    let outputs = crate::sink::delivery::Outputs::start(cfg, &events, &metrics.registry, &names)
+        .map_err(RunError::Config)?;
     let env = TaskEnv {
         prompts: cfg.tasks.clone(),
         governor: cfg.governor.clone(),
@@ -796,7 +786,6 @@ pub fn run_with(
         max_tokens: cfg.model.max_tokens,
         context: cfg.model.context,
         live_board: live.clone(),
-        webhooks,
         caption_dir: (!cfg.captions.dir.is_empty()).then(|| PathBuf::from(&cfg.captions.dir)),
         transcript_files: extras.transcript_files.clone(),
         board: Some(board.clone()),
@@ -958,14 +947,7 @@ pub fn run_with(
         }
     }
     events.flush();
-    if let Some(m) = mqtt {
-        let st = m.stop();
-        tracing::info!(
-            published = st.published,
-            dropped = st.dropped,
-            "MQTT sink stopped."
-        );
-    }
+    outputs.stop();
     Ok(RunReport { states, failures })
 }
 

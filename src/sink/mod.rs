@@ -2,7 +2,11 @@
 //! a SIGKILL or Ctrl-C never leaves a half-written line behind; live subscribers (HTTP feeds)
 //! get a copy through bounded channels that drop for them, never for the file.
 
+pub mod delivery;
+pub mod homeassistant;
 pub mod mqtt;
+pub mod mqtt_wire;
+pub mod outbox;
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -12,6 +16,15 @@ use std::sync::{Arc, Mutex};
 use crate::event::Event;
 
 type Writer = Box<dyn Write + Send>;
+
+/// A durable consumer of every event (an outbox): called under the events lock, in id order,
+/// with the event and its JSON, *before* the event reaches the events file, so nothing that is
+/// in the file can be missing from an outbox after a crash.
+pub type Tap = Arc<dyn Fn(&Event, &[u8]) + Send + Sync>;
+
+/// Told each `watch` answer: (source, question, yes). `yes` is what made an alert (a yes with
+/// enough confidence); anything else is a no.
+pub type AnswerTap = Arc<dyn Fn(&str, &str, bool) + Send + Sync>;
 
 #[derive(Clone)]
 pub struct Events {
@@ -24,6 +37,25 @@ struct Inner {
     /// checkpoints that must point between lines).
     written: std::sync::atomic::AtomicU64,
     subscribers: Mutex<Vec<crossbeam_channel::Sender<Event>>>,
+    /// `<run>` of the event ids (see [`crate::event`]).
+    run_id: String,
+    /// Per source: the last `seq` given. Guarded by `writer`'s lock in `emit` (taken first).
+    seqs: Mutex<std::collections::HashMap<String, u64>>,
+    taps: Mutex<Vec<Tap>>,
+    answer_taps: Mutex<Vec<AnswerTap>>,
+}
+
+/// 11 hex digits of Unix milliseconds, then 4 that differ between processes started in the
+/// same millisecond.
+fn new_run_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ms = now.as_millis() as u64 & 0xfff_ffff_ffff;
+    let mix = (u64::from(now.subsec_nanos()) ^ u64::from(std::process::id()).rotate_left(17))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        >> 48;
+    format!("{ms:011x}{mix:04x}")
 }
 
 impl Events {
@@ -54,7 +86,47 @@ impl Events {
                 writer: Mutex::new(writer),
                 written: std::sync::atomic::AtomicU64::new(0),
                 subscribers: Mutex::new(Vec::new()),
+                run_id: new_run_id(),
+                seqs: Mutex::new(std::collections::HashMap::new()),
+                taps: Mutex::new(Vec::new()),
+                answer_taps: Mutex::new(Vec::new()),
             }),
+        }
+    }
+
+    /// The `<run>` part of this run's event ids.
+    pub fn run_id(&self) -> &str {
+        &self.inner.run_id
+    }
+
+    /// Adds a durable consumer (see [`Tap`]) that sees every event from now on.
+    pub fn tap(&self, tap: Tap) {
+        self.inner
+            .taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tap);
+    }
+
+    /// Adds a listener for `watch` answers (see [`AnswerTap`]).
+    pub fn on_answer(&self, tap: AnswerTap) {
+        self.inner
+            .answer_taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tap);
+    }
+
+    /// One `watch` answer, for the listeners (Home Assistant's binary sensors).
+    pub fn answer(&self, source: &str, question: &str, yes: bool) {
+        let taps = self
+            .inner
+            .answer_taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for t in taps {
+            t(source, question, yes);
         }
     }
 
@@ -79,10 +151,22 @@ impl Events {
             .len()
     }
 
-    pub fn emit(&self, event: Event) {
+    pub fn emit(&self, mut event: Event) {
         {
             let mut guard = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(w) = guard.as_mut() {
+            {
+                let mut seqs = self.inner.seqs.lock().unwrap_or_else(|e| e.into_inner());
+                let seq = seqs.entry(event.source.clone()).or_insert(0);
+                *seq += 1;
+                event.id = Some(format!("{}-{}-{seq}", self.inner.run_id, event.source));
+            }
+            let taps = self
+                .inner
+                .taps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if guard.is_some() || !taps.is_empty() {
                 let mut line = match serde_json::to_vec(&event) {
                     Ok(l) => l,
                     Err(e) => {
@@ -90,19 +174,25 @@ impl Events {
                         return;
                     }
                 };
-                line.push(b'\n');
-                let res = w.write_all(&line).and_then(|()| w.flush());
-                if res.is_ok() {
-                    self.inner
-                        .written
-                        .fetch_add(line.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                // Outboxes first: an event in the file is never missing from them.
+                for t in &taps {
+                    t(&event, &line);
                 }
-                if let Err(e) = res {
-                    // A closed pipe (`percept run ... | head`) is the reader's choice, not an error.
-                    if e.kind() != io::ErrorKind::BrokenPipe {
-                        tracing::error!(error = %e, "Cannot write events; further events are not written.");
+                if let Some(w) = guard.as_mut() {
+                    line.push(b'\n');
+                    let res = w.write_all(&line).and_then(|()| w.flush());
+                    if res.is_ok() {
+                        self.inner
+                            .written
+                            .fetch_add(line.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     }
-                    *guard = None;
+                    if let Err(e) = res {
+                        // A closed pipe (`percept run ... | head`) is the reader's choice, not an error.
+                        if e.kind() != io::ErrorKind::BrokenPipe {
+                            tracing::error!(error = %e, "Cannot write events; further events are not written.");
+                        }
+                        *guard = None;
+                    }
                 }
             }
         }

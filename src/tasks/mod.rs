@@ -161,7 +161,6 @@ pub struct TaskEnv {
     /// summarized in windows (see [`summary`]).
     pub context: usize,
     pub live_board: Arc<LiveBoard>,
-    pub webhooks: Option<webhook::Webhooks>,
     /// Where caption files go for this run (None: no files).
     pub caption_dir: Option<PathBuf>,
     /// Recordings (`percept analyze`): transcript cues go to these VTT/SRT files.
@@ -715,7 +714,9 @@ impl SourceTask {
         match watch::parse_reply(text, &self.spec.questions) {
             Ok(answers) => {
                 for a in answers {
-                    if !a.yes || a.confidence < self.env.alerts.min_confidence {
+                    let alert = a.yes && a.confidence >= self.env.alerts.min_confidence;
+                    self.feed.events.answer(&self.name, &a.question, alert);
+                    if !alert {
                         continue;
                     }
                     let snapshot = job.frame.as_ref().and_then(|f| self.snapshot(f));
@@ -726,11 +727,7 @@ impl SourceTask {
                         evidence: a.evidence,
                         snapshot,
                     };
-                    let ev =
-                        crate::event::Event::new(&self.name, job.t, Some(job.end), body.clone());
-                    if let Some(w) = &self.env.webhooks {
-                        w.send(ev);
-                    }
+                    // Webhooks take alerts from the events (`tasks::webhook`).
                     self.feed.emit(job.t, Some(job.end), body);
                 }
                 None

@@ -1,0 +1,431 @@
+//! The durable outbox: what MQTT and webhooks must still deliver, one file per record in one
+//! folder per destination (`<dir>/mqtt`, `<dir>/webhook-<hash of the URL>`).
+//!
+//! A record is written (to a `.tmp` name, then renamed) before the event reaches the events
+//! file, and removed only once its destination acknowledged it (MQTT PUBACK, HTTP 2xx). So a
+//! crash, a SIGKILL or an unreachable receiver costs nothing: at the next start the folder is
+//! read back and delivery resumes with the oldest record. A record delivered just before a
+//! crash may be delivered again: consumers drop duplicates by the event `id`.
+//!
+//! Records are not synced one by one (that would cost a disk flush per event); the folder
+//! survives the process dying at any point, and a power cut may lose the last records the
+//! kernel had not yet written.
+//!
+//! Bounded: when a destination's records exceed its share of `[outbox] max_mib`, the oldest
+//! are deleted and counted (`percept_outbox_dropped_total`), so a receiver that stays away
+//! for days cannot fill the disk.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+
+/// Default `[outbox] max_mib`.
+pub const DEFAULT_MAX_MIB: u64 = 256;
+const SUFFIX: &str = ".rec";
+
+/// `[outbox]`: where undelivered MQTT messages and webhook alerts wait, and how much of the
+/// disk they may take.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Folder holding one subfolder per destination (created when MQTT or webhooks are on).
+    pub dir: String,
+    /// Upper bound on all records, MiB, shared evenly by the destinations; beyond it the
+    /// oldest records are dropped (and counted).
+    pub max_mib: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            dir: "outbox".into(),
+            max_mib: DEFAULT_MAX_MIB,
+        }
+    }
+}
+
+impl OutboxConfig {
+    /// Problems with the section, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.dir.trim().is_empty() {
+            p.push("[outbox] dir must not be empty".to_string());
+        }
+        if self.max_mib == 0 || self.max_mib > 1 << 20 {
+            p.push(format!(
+                "[outbox] max_mib must be in 1..=1048576, got {}",
+                self.max_mib
+            ));
+        }
+        p
+    }
+}
+
+/// Outbox metrics, one set per process (labels: the destination's folder name, never a URL).
+pub struct OutboxMetrics {
+    pub pending: prometheus::IntGaugeVec,
+    pub pending_bytes: prometheus::IntGaugeVec,
+    pub dropped: prometheus::IntCounterVec,
+    pub delivered: prometheus::IntCounterVec,
+}
+
+/// The process-wide outbox metrics, registered into `registry` (again registering into the
+/// same registry is harmless).
+pub fn metrics(registry: Option<&prometheus::Registry>) -> &'static OutboxMetrics {
+    static M: OnceLock<OutboxMetrics> = OnceLock::new();
+    let m = M.get_or_init(|| {
+        let gauge = |name: &str, help: &str| {
+            prometheus::IntGaugeVec::new(prometheus::Opts::new(name, help), &["destination"])
+                .expect("valid metric")
+        };
+        let counter = |name: &str, help: &str| {
+            prometheus::IntCounterVec::new(prometheus::Opts::new(name, help), &["destination"])
+                .expect("valid metric")
+        };
+        OutboxMetrics {
+            pending: gauge(
+                "percept_outbox_pending",
+                "Records waiting in the outbox for their destination.",
+            ),
+            pending_bytes: gauge(
+                "percept_outbox_pending_bytes",
+                "Bytes of the records waiting in the outbox.",
+            ),
+            dropped: counter(
+                "percept_outbox_dropped_total",
+                "Records dropped undelivered because the outbox was full (oldest first).",
+            ),
+            delivered: counter(
+                "percept_outbox_delivered_total",
+                "Records acknowledged by their destination and removed from the outbox.",
+            ),
+        }
+    });
+    if let Some(r) = registry {
+        let _ = r.register(Box::new(m.pending.clone()));
+        let _ = r.register(Box::new(m.pending_bytes.clone()));
+        let _ = r.register(Box::new(m.dropped.clone()));
+        let _ = r.register(Box::new(m.delivered.clone()));
+    }
+    m
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_seq: u64,
+    /// seq -> bytes of every record on disk.
+    index: BTreeMap<u64, u64>,
+    bytes: u64,
+}
+
+struct Inner {
+    dir: PathBuf,
+    name: String,
+    max_bytes: u64,
+    state: Mutex<State>,
+    dropped: AtomicU64,
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+}
+
+/// One destination's queue on disk. Cheap to clone; any thread may push, one deliverer reads
+/// and acknowledges.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+impl Outbox {
+    /// Opens (creating) `dir`, takes in the records a previous run left, and removes
+    /// half-written ones.
+    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Outbox> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+        let mut st = State::default();
+        let rd = std::fs::read_dir(dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", dir.display())))?;
+        for entry in rd {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            let Some(seq) = name
+                .strip_suffix(SUFFIX)
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let len = entry.metadata()?.len();
+            st.index.insert(seq, len);
+            st.bytes += len;
+            st.next_seq = st.next_seq.max(seq + 1);
+        }
+        st.next_seq = st.next_seq.max(1);
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "outbox".into());
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let ob = Outbox {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                name,
+                max_bytes: max_bytes.max(1),
+                state: Mutex::new(st),
+                dropped: AtomicU64::new(0),
+                wake_tx,
+                wake_rx,
+            }),
+        };
+        if !ob.is_empty() {
+            tracing::info!(destination = %ob.inner.name, records = ob.len(), "Outbox: records from an earlier run will be delivered.");
+        }
+        ob.publish_gauges(&ob.lock());
+        Ok(ob)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.inner.dir.join(format!("{seq:020}{SUFFIX}"))
+    }
+
+    fn publish_gauges(&self, st: &State) {
+        let m = metrics(None);
+        m.pending
+            .with_label_values(&[&self.inner.name])
+            .set(st.index.len() as i64);
+        m.pending_bytes
+            .with_label_values(&[&self.inner.name])
+            .set(st.bytes as i64);
+    }
+
+    /// The destination's folder name (the metric label).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Appends a record; when the outbox is over its size the oldest records go (counted).
+    pub fn push(&self, record: &[u8]) -> io::Result<u64> {
+        let mut st = self.lock();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let path = self.path(seq);
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(record))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("writing {}: {e}", path.display()),
+            ));
+        }
+        let len = record.len() as u64;
+        st.index.insert(seq, len);
+        st.bytes += len;
+        let mut dropped = 0u64;
+        while st.bytes > self.inner.max_bytes && st.index.len() > 1 {
+            let Some((old, old_len)) = st.index.pop_first() else {
+                break;
+            };
+            st.bytes -= old_len;
+            let _ = std::fs::remove_file(self.path(old));
+            dropped += 1;
+        }
+        if dropped > 0 {
+            let before = self.inner.dropped.fetch_add(dropped, Ordering::Relaxed);
+            metrics(None)
+                .dropped
+                .with_label_values(&[&self.inner.name])
+                .inc_by(dropped);
+            if before == 0 {
+                tracing::warn!(destination = %self.inner.name, max_bytes = self.inner.max_bytes, "Outbox full: the oldest undelivered records are dropped (see percept_outbox_dropped_total).");
+            }
+        }
+        self.publish_gauges(&st);
+        drop(st);
+        let _ = self.inner.wake_tx.try_send(());
+        Ok(seq)
+    }
+
+    /// The oldest record after `after` (all when None): its seq.
+    pub fn next_after(&self, after: Option<u64>) -> Option<u64> {
+        let st = self.lock();
+        match after {
+            None => st.index.keys().next().copied(),
+            Some(a) => st.index.range(a + 1..).next().map(|(k, _)| *k),
+        }
+    }
+
+    /// A record's bytes; None when it is gone (dropped for room, or acknowledged).
+    pub fn read(&self, seq: u64) -> Option<Vec<u8>> {
+        if !self.lock().index.contains_key(&seq) {
+            return None;
+        }
+        match std::fs::read(self.path(seq)) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(destination = %self.inner.name, seq, error = %e, "Outbox: record unreadable; skipped.");
+                self.remove(seq);
+                None
+            }
+        }
+    }
+
+    fn remove(&self, seq: u64) -> bool {
+        let mut st = self.lock();
+        let Some(len) = st.index.remove(&seq) else {
+            return false;
+        };
+        st.bytes -= len;
+        let _ = std::fs::remove_file(self.path(seq));
+        self.publish_gauges(&st);
+        true
+    }
+
+    /// The destination has the record: it is removed for good.
+    pub fn ack(&self, seq: u64) {
+        if self.remove(seq) {
+            metrics(None)
+                .delivered
+                .with_label_values(&[&self.inner.name])
+                .inc();
+        }
+    }
+
+    /// Wakes (at most one pending wake-up) after each push.
+    pub fn wakeups(&self) -> Receiver<()> {
+        self.inner.wake_rx.clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Records dropped for room since this process opened the outbox.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// A stable folder-safe name for a webhook URL (the URL itself may hold tokens): FNV-1a 64.
+pub fn url_key(url: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in url.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("webhook-{h:016x}")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "percept-outbox-{}-{name}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn records_survive_a_reopen_and_go_when_acknowledged() {
+        let d = tmp("reopen");
+        let ob = Outbox::open(&d, 1 << 20).unwrap();
+        let a = ob.push(b"one").unwrap();
+        let b = ob.push(b"two").unwrap();
+        ob.ack(a);
+        // A half-written record of a killed process is not taken for a record.
+        std::fs::write(d.join("00000000000000000009.tmp"), b"half").unwrap();
+        drop(ob);
+        let ob = Outbox::open(&d, 1 << 20).unwrap();
+        assert_eq!(ob.len(), 1);
+        assert_eq!(ob.next_after(None), Some(b));
+        assert_eq!(ob.read(b).unwrap(), b"two");
+        assert_eq!(ob.next_after(Some(b)), None);
+        // New records continue after the old ones.
+        let c = ob.push(b"three").unwrap();
+        assert!(c > b);
+        assert!(!d.join("00000000000000000009.tmp").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn full_outbox_drops_the_oldest_and_counts() {
+        let d = tmp("full");
+        let ob = Outbox::open(&d, 100).unwrap();
+        let first = ob.push(&[b'x'; 40]).unwrap();
+        ob.push(&[b'y'; 40]).unwrap();
+        ob.push(&[b'z'; 40]).unwrap();
+        assert_eq!(ob.len(), 2);
+        assert_eq!(ob.dropped(), 1);
+        assert!(ob.read(first).is_none());
+        assert_eq!(ob.read(ob.next_after(None).unwrap()).unwrap(), [b'y'; 40]);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 2);
+        let registry = prometheus::Registry::new();
+        metrics(Some(&registry));
+        let mut text = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut text,
+        )
+        .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        let line = format!(
+            "percept_outbox_dropped_total{{destination=\"{}\"}} 1",
+            ob.name()
+        );
+        assert!(text.contains(&line), "{text}");
+        assert!(text.contains(&format!(
+            "percept_outbox_pending{{destination=\"{}\"}} 2",
+            ob.name()
+        )));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn url_keys_are_stable_and_hide_the_url() {
+        let k = url_key("http://h:1/hook?token=secret");
+        assert_eq!(k, url_key("http://h:1/hook?token=secret"));
+        assert_ne!(k, url_key("http://h:1/hook?token=other"));
+        assert!(!k.contains("secret") && k.starts_with("webhook-"));
+    }
+
+    #[test]
+    fn config_bounds() {
+        assert!(OutboxConfig::default().problems().is_empty());
+        let bad = OutboxConfig {
+            dir: " ".into(),
+            max_mib: 0,
+        };
+        assert_eq!(
+            bad.problems(),
+            [
+                "[outbox] dir must not be empty",
+                "[outbox] max_mib must be in 1..=1048576, got 0"
+            ]
+        );
+    }
+}
