@@ -180,3 +180,20 @@ fn live_audio_branch_gives_the_file_paths_samples() {
     assert!(live_vs_file < 1e-7, "{live_vs_file}");
     assert!(mean_abs_diff(&live, &reference) < 1e-4);
 }
+
+#[test]
+fn resampling_speed_is_printed() {
+    // Not a pass/fail timing (CPU is shared): prints the figure the README quotes.
+    for rate in [44_100u32, 48_000] {
+        let x = test_signal(rate, rate as usize * 10, 9, 440.0);
+        let t = std::time::Instant::now();
+        let y = resample(&x, rate, 16_000);
+        let s = t.elapsed().as_secs_f64();
+        assert_eq!(y.len(), 160_000);
+        eprintln!(
+            "{rate} Hz -> 16 kHz: 10 s of audio in {:.0} ms ({:.0}x real time)",
+            s * 1e3,
+            10.0 / s
+        );
+    }
+}
