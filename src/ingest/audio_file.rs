@@ -6,7 +6,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rubato::{FftFixedIn, Resampler};
 use symphonia::core::audio::SampleBuffer;
 use symphonia::core::codecs::{DecoderOptions, CODEC_TYPE_NULL};
 use symphonia::core::errors::Error as SymError;
@@ -17,6 +16,7 @@ use symphonia::core::probe::Hint;
 
 use super::chunker::Chunker;
 use super::{Feed, AUDIO_RATE};
+use crate::preprocess::resample::Resampler;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AudioFileError {
@@ -37,69 +37,54 @@ pub enum AudioFileError {
 }
 
 /// Streaming conversion of any-rate interleaved audio to 16 kHz mono with an exact length:
-/// the output of `n` input frames is `round(n * 16000 / rate)` samples.
+/// channels are averaged (the reference loader's `mean(axis=-1)`), then resampled with the
+/// soxr-HQ filter of [`crate::preprocess::resample`]. The output of `n` input frames is
+/// `round(n * 16000 / rate)` samples.
 pub struct MonoResampler {
-    rate: u32,
-    inner: Option<FftFixedIn<f32>>,
-    pending: Vec<f32>,
+    inner: Option<Resampler>,
     frames_in: u64,
-    emitted: u64,
-    skip: usize,
+    rate: u32,
 }
-
-const RESAMPLE_CHUNK: usize = 1024;
 
 impl MonoResampler {
     pub fn new(rate: u32) -> Result<MonoResampler, AudioFileError> {
-        let inner = if rate == AUDIO_RATE {
-            None
-        } else {
-            Some(
-                FftFixedIn::<f32>::new(rate as usize, AUDIO_RATE as usize, RESAMPLE_CHUNK, 2, 1)
-                    .map_err(|e| AudioFileError::Resample(e.to_string()))?,
-            )
-        };
-        let skip = inner.as_ref().map_or(0, |r| r.output_delay());
+        if rate == 0 {
+            return Err(AudioFileError::Resample("sample rate 0".into()));
+        }
+        let inner = (rate != AUDIO_RATE).then(|| Resampler::new(rate, AUDIO_RATE));
         Ok(MonoResampler {
-            rate,
             inner,
-            pending: Vec::new(),
             frames_in: 0,
-            emitted: 0,
-            skip,
+            rate,
         })
+    }
+
+    /// The input sample rate.
+    pub fn rate(&self) -> u32 {
+        self.rate
     }
 
     /// Downmix `interleaved` (of `channels`) and return the 16 kHz samples ready so far.
     pub fn push(&mut self, interleaved: &[f32], channels: usize) -> Vec<f32> {
         let channels = channels.max(1);
-        let mono = interleaved
-            .chunks_exact(channels)
-            .map(|f| f.iter().sum::<f32>() / channels as f32);
-        self.frames_in += (interleaved.len() / channels) as u64;
-        let Some(r) = self.inner.as_mut() else {
-            let out: Vec<f32> = mono.collect();
-            self.emitted += out.len() as u64;
-            return out;
+        let mono: Vec<f32> = if channels == 1 {
+            interleaved.to_vec()
+        } else {
+            interleaved
+                .chunks_exact(channels)
+                .map(|f| f.iter().sum::<f32>() / channels as f32)
+                .collect()
         };
-        self.pending.extend(mono);
-        let mut out = Vec::new();
-        while self.pending.len() >= r.input_frames_next() {
-            let n = r.input_frames_next();
-            if let Ok(mut res) = r.process(&[&self.pending[..n]], None) {
-                out.append(&mut res[0]);
+        self.frames_in += mono.len() as u64;
+        match self.inner.as_mut() {
+            None => mono,
+            Some(r) => {
+                let mut out =
+                    Vec::with_capacity(mono.len() * AUDIO_RATE as usize / self.rate as usize + 1);
+                r.push(&mono, &mut out);
+                out
             }
-            self.pending.drain(..n);
         }
-        self.take_after_delay(out)
-    }
-
-    fn take_after_delay(&mut self, mut out: Vec<f32>) -> Vec<f32> {
-        let s = self.skip.min(out.len());
-        out.drain(..s);
-        self.skip -= s;
-        self.emitted += out.len() as u64;
-        out
     }
 
     /// The expected output length for the input so far.
@@ -107,38 +92,101 @@ impl MonoResampler {
         (self.frames_in as f64 * f64::from(AUDIO_RATE) / f64::from(self.rate)).round() as u64
     }
 
-    /// Drain the resampler and pad or trim to the exact expected length.
+    /// Drain the resampler: the rest of the `round(n * 16000 / rate)` samples.
     pub fn finish(&mut self) -> Vec<f32> {
-        let expected = self.expected_len();
         let mut out = Vec::new();
         if let Some(r) = self.inner.as_mut() {
-            let pending = std::mem::take(&mut self.pending);
-            let mut first = true;
-            // Feed silence until the delayed tail has come out.
-            for _ in 0..64 {
-                if self.emitted + out.len() as u64 >= expected + self.skip as u64 {
-                    break;
-                }
-                let input: Option<&[&[f32]]> = None;
-                let res = if first && !pending.is_empty() {
-                    r.process_partial(Some(&[&pending[..]]), None)
-                } else {
-                    r.process_partial(input, None)
-                };
-                first = false;
-                match res {
-                    Ok(mut v) => out.append(&mut v[0]),
-                    Err(_) => break,
-                }
-            }
-            out = self.take_after_delay(out);
-            self.emitted -= out.len() as u64;
+            r.finish(&mut out);
         }
-        let room = expected.saturating_sub(self.emitted) as usize;
-        out.truncate(room);
-        out.resize(room, 0.0);
-        self.emitted += out.len() as u64;
         out
+    }
+}
+
+/// The live audio branch's conversion: GStreamer delivers interleaved f32 at the source's own
+/// rate and channel count, and this applies the very [`MonoResampler`] of the file path, so
+/// a stream and a file of the same signal give the same 16 kHz samples. Keeps one resampler
+/// per contiguous run: a timestamp jump or a format change drains the old one first.
+#[derive(Default)]
+pub struct LiveAudio {
+    run: Option<LiveRun>,
+}
+
+struct LiveRun {
+    resampler: MonoResampler,
+    channels: usize,
+    /// Media time of the run's first sample (None: the stream has no timestamps).
+    anchor: Option<f64>,
+    frames_in: u64,
+    samples_out: u64,
+}
+
+impl LiveRun {
+    fn time_of_output(&self) -> Option<f64> {
+        self.anchor
+            .map(|a| a + self.samples_out as f64 / f64::from(AUDIO_RATE))
+    }
+
+    fn expected_input_time(&self) -> Option<f64> {
+        self.anchor
+            .map(|a| a + self.frames_in as f64 / f64::from(self.resampler.rate()))
+    }
+}
+
+/// 16 kHz mono samples and the media time of the first one (None when untimed).
+pub type TimedSamples = (Option<f64>, Vec<f32>);
+
+impl LiveAudio {
+    /// Converts one buffer whose first frame plays at media time `t`.
+    pub fn push(
+        &mut self,
+        t: Option<f64>,
+        interleaved: &[f32],
+        rate: u32,
+        channels: usize,
+    ) -> Result<Vec<TimedSamples>, AudioFileError> {
+        let mut out = Vec::new();
+        let continues = self.run.as_ref().is_some_and(|r| {
+            r.resampler.rate() == rate
+                && r.channels == channels
+                && match (t, r.expected_input_time()) {
+                    (Some(t), Some(e)) => (t - e).abs() <= super::chunker::DISCONT_TOLERANCE,
+                    _ => true,
+                }
+        });
+        if !continues {
+            out.extend(self.finish());
+            self.run = Some(LiveRun {
+                resampler: MonoResampler::new(rate)?,
+                channels,
+                anchor: t,
+                frames_in: 0,
+                samples_out: 0,
+            });
+        }
+        if let Some(r) = self.run.as_mut() {
+            let at = r.time_of_output();
+            let y = r.resampler.push(interleaved, channels);
+            r.frames_in += (interleaved.len() / channels.max(1)) as u64;
+            r.samples_out += y.len() as u64;
+            if !y.is_empty() {
+                out.push((at, y));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drains the current run (end of stream, or before a discontinuity).
+    pub fn finish(&mut self) -> Vec<TimedSamples> {
+        let Some(mut r) = self.run.take() else {
+            return Vec::new();
+        };
+        let at = r.time_of_output();
+        let y = r.resampler.finish();
+        if y.is_empty() {
+            Vec::new()
+        } else {
+            vec![(at, y)]
+        }
     }
 }
 

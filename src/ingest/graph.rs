@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use super::audio_file::LiveAudio;
 use super::chunker::Chunker;
 use super::template::{self, Vars};
 use super::{Feed, VideoFrame};
@@ -59,6 +60,8 @@ pub struct Session {
     sampler: Mutex<Sampler>,
     gate: Mutex<KeyframeGate>,
     chunker: Mutex<Chunker>,
+    /// Audio at the source's rate -> 16 kHz mono, the file path's resampler.
+    live_audio: Mutex<LiveAudio>,
 }
 
 impl Session {
@@ -76,6 +79,7 @@ impl Session {
             sampler: Mutex::new(Sampler::new(params.fps)),
             gate: Mutex::new(KeyframeGate::new(params.keyframe_only, params.fps)),
             chunker: Mutex::new(Chunker::new(params.chunk_seconds)),
+            live_audio: Mutex::new(LiveAudio::default()),
             params,
         })
     }
@@ -96,6 +100,11 @@ impl Session {
 
     /// Deliver the partial audio chunk at the end of a stream.
     fn flush_audio(&self) {
+        for (t, samples) in lock(&self.live_audio).finish() {
+            for c in lock(&self.chunker).push(t, &samples).chunks {
+                self.feed.push_audio(c);
+            }
+        }
         let tail = lock(&self.chunker).flush();
         if let Some(c) = tail {
             self.feed.push_audio(c);
@@ -878,14 +887,28 @@ fn on_audio_sample(
     if let Some(t) = t {
         session.mark_started(t);
     }
-    let out = lock(&session.chunker).push(t, &samples);
-    if let Some((t0, t1)) = out.gap {
-        session.feed.gap(t0, t1, "discontinuity");
-    }
-    for c in out.chunks {
-        session.feed.push_audio(c);
+    let (rate, channels) = audio_format(&sample).ok_or(gst::FlowError::NotNegotiated)?;
+    let pieces = lock(&session.live_audio)
+        .push(t, &samples, rate, channels)
+        .map_err(|_| gst::FlowError::NotNegotiated)?;
+    for (t, samples) in pieces {
+        let out = lock(&session.chunker).push(t, &samples);
+        if let Some((t0, t1)) = out.gap {
+            session.feed.gap(t0, t1, "discontinuity");
+        }
+        for c in out.chunks {
+            session.feed.push_audio(c);
+        }
     }
     Ok(gst::FlowSuccess::Ok)
+}
+
+/// Rate and channel count of a raw audio sample (the branch keeps the source's own).
+pub fn audio_format(sample: &gst::Sample) -> Option<(u32, usize)> {
+    let s = sample.caps()?.structure(0)?;
+    let rate = s.get::<i32>("rate").ok()?;
+    let channels = s.get::<i32>("channels").ok()?;
+    (rate > 0 && channels > 0).then_some((rate as u32, channels as usize))
 }
 
 #[cfg(test)]

@@ -730,17 +730,32 @@ fn t_audio() -> u32 {
     258_881
 }
 
-/// Fields that published configs spell two ways: (the name percept reads, the other one).
-const TOP_LEVEL_SPELLINGS: &[(&str, &str)] = &[("eoa_token_index", "eoa_token_id")];
+/// Fields that configs in the wild spell two ways: (the name percept reads, the other one).
+/// The published `google/gemma-4-E2B-it` config carries both `eoa_token_index` and
+/// `eoa_token_id`; configs written by other tools (vLLM, Gemma 3-era converters) use the
+/// `*_token_index` forms of the other media token ids.
+const TOP_LEVEL_SPELLINGS: &[(&str, &str)] = &[
+    ("eoa_token_index", "eoa_token_id"),
+    ("boi_token_id", "boi_token_index"),
+    ("eoi_token_id", "eoi_token_index"),
+    ("image_token_id", "image_token_index"),
+    ("video_token_id", "video_token_index"),
+    ("boa_token_id", "boa_token_index"),
+    ("audio_token_id", "audio_token_index"),
+];
 
-/// Folds each second spelling into the first: the published `google/gemma-4-E2B-it` config
-/// carries both `eoa_token_index` and `eoa_token_id`, which serde would otherwise see as one
-/// field given twice. Both present with different values is an error naming both.
-fn reconcile_spellings(v: &mut serde_json::Value, path: &str) -> Result<(), ConfigError> {
-    let Some(obj) = v.as_object_mut() else {
-        return Ok(());
-    };
-    for (name, other) in TOP_LEVEL_SPELLINGS {
+/// The sub-configs of a composite `config.json`.
+const SUB_CONFIGS: [&str; 3] = ["text_config", "vision_config", "audio_config"];
+
+/// Folds each second spelling into the first, which serde would otherwise see as unknown (or,
+/// for `eoa_token_*`, as one field given twice). Both present with different values is an
+/// error naming both.
+fn reconcile_spellings(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    spellings: &[(&str, &str)],
+    path: &str,
+) -> Result<(), ConfigError> {
+    for (name, other) in spellings {
         let Some(second) = obj.remove(*other) else {
             continue;
         };
@@ -757,6 +772,32 @@ fn reconcile_spellings(v: &mut serde_json::Value, path: &str) -> Result<(), Conf
         }
     }
     Ok(())
+}
+
+/// Brings a `config.json` as published (or as transformers 5.x re-saves it) into the form
+/// the serde types read, accepting what transformers accepts:
+/// - `null` values mean "not set": they are dropped so the upstream defaults apply (transformers
+///   types these fields `X | None`), in the top level and in each sub-config;
+/// - a missing or `null` `text_config` is the default text config, as upstream;
+/// - the two spellings of a token id are folded into one ([`TOP_LEVEL_SPELLINGS`]).
+///
+/// Unknown keys (`_name_or_path`, `architectures`, `id2label`, `label2id`, `dtype`,
+/// `torch_dtype`, `chunk_size_feed_forward`, `transformers_version`, `initializer_range`,
+/// `use_cache`, ...) need nothing: the serde types ignore them. percept's own TOML stays
+/// strict; this leniency is only for checkpoint files percept does not write.
+fn normalize_published(v: &mut serde_json::Value, path: &str) -> Result<(), ConfigError> {
+    let Some(obj) = v.as_object_mut() else {
+        return Err(ConfigError::Invalid(format!("{path}: not a JSON object")));
+    };
+    obj.retain(|_, value| !value.is_null());
+    obj.entry("text_config")
+        .or_insert_with(|| serde_json::json!({}));
+    for sub in SUB_CONFIGS {
+        if let Some(s) = obj.get_mut(sub).and_then(|s| s.as_object_mut()) {
+            s.retain(|_, value| !value.is_null());
+        }
+    }
+    reconcile_spellings(obj, TOP_LEVEL_SPELLINGS, path)
 }
 
 impl Gemma4Config {
@@ -783,14 +824,14 @@ impl Gemma4Config {
             }
         };
         // A bare text config is wrapped with no vision/audio.
-        if v.get("text_config").is_none() {
-            if mt != "gemma4_text" && mt != "gemma4_unified_text" {
-                return Err(ConfigError::Unsupported(format!(
-                    "{path}: model_type {mt:?} has no text_config; expected gemma4 or gemma4_unified"
-                )));
-            }
+        if mt == "gemma4_text" || mt == "gemma4_unified_text" {
             v = serde_json::json!({"model_type": arch.model_type(), "text_config": v});
+        } else if mt.is_empty() && v.get("text_config").is_none() {
+            return Err(ConfigError::Unsupported(format!(
+                "{path}: no model_type and no text_config; expected gemma4 or gemma4_unified"
+            )));
         }
+        normalize_published(&mut v, path)?;
         let (mut unified_vision, mut unified_audio) = (None, None);
         if arch == Arch::Gemma4Unified {
             let Some(obj) = v.as_object_mut() else {
@@ -825,7 +866,6 @@ impl Gemma4Config {
                 }
             }
         }
-        reconcile_spellings(&mut v, path)?;
         let mut cfg: Gemma4Config = serde_json::from_value(v).map_err(json_err)?;
         cfg.model_type = Some(arch.model_type().to_string());
         cfg.arch = arch;
@@ -926,6 +966,56 @@ mod tests {
             .to_string();
         assert!(
             e.contains("eoa_token_index") && e.contains("eoa_token_id") && e.contains("cfg.json"),
+            "{e}"
+        );
+    }
+
+    /// Variants that transformers 5.24 `Gemma4Config.from_dict` accepts (checked with the
+    /// scratch script described in the README's Models section): percept must load them too.
+    #[test]
+    fn configs_transformers_accepts_load() {
+        let legacy = r#""_name_or_path":"google/gemma-4-E2B-it","architectures":null,
+            "id2label":{"0":"LABEL_0"},"label2id":{"LABEL_0":0},"dtype":"bfloat16",
+            "torch_dtype":"bfloat16","chunk_size_feed_forward":0,"transformers_version":"5.5.0",
+            "initializer_range":0.02,"use_cache":true,"attention_dropout":0.0,"#;
+        let cases = [
+            // Legacy keys in the top level and in the text config.
+            base("").replacen('{', &format!("{{{legacy}"), 1),
+            base(&format!(",{}", legacy.trim_end_matches(','))),
+            // null where upstream types `X | None`.
+            base("").replacen('{', r#"{"boi_token_id":null,"eoa_token_index":null,"vision_config":null,"audio_config":null,"#, 1),
+            base(r#","final_logit_softcapping":null,"rope_parameters":null,"pad_token_id":null,"bos_token_id":null,"eos_token_id":null,"use_bidirectional_attention":null"#),
+            base(r#","eos_token_id":[1,106]"#),
+            // Integer RoPE thetas and extra RoPE keys.
+            base(r#","rope_parameters":{"sliding_attention":{"rope_type":"default","rope_theta":10000},
+                "full_attention":{"rope_type":"proportional","partial_rotary_factor":0.25,"rope_theta":1000000,"extra":1}}"#),
+            // Tower sub-configs with legacy keys and nulls.
+            base("").replacen('{', r#"{"vision_config":{"model_type":"gemma4_vision","hidden_size":32,"attention_bias":null,
+                "rope_parameters":null,"_name_or_path":"","torch_dtype":"bfloat16"},
+                "audio_config":{"model_type":"gemma4_audio","hidden_size":32,"_name_or_path":"","dtype":"bfloat16","id2label":{"0":"a"}},"#, 1),
+        ];
+        for c in &cases {
+            let cfg = Gemma4Config::from_json_str(c, "t").unwrap_or_else(|e| panic!("{e}\n{c}"));
+            assert_eq!(cfg.text_config.num_hidden_layers, 6, "{c}");
+        }
+        // A null or absent text_config is upstream's default text config.
+        let d = Gemma4Config::from_json_str(r#"{"model_type":"gemma4","text_config":null}"#, "t")
+            .unwrap();
+        assert_eq!(d.text_config.hidden_size, 2304);
+        // The `*_token_index` spellings of the other media ids fold the same way.
+        let s = base("").replacen(
+            '{',
+            r#"{"image_token_index":9,"boi_token_index":5,"boi_token_id":5,"#,
+            1,
+        );
+        let cfg = Gemma4Config::from_json_str(&s, "t").unwrap();
+        assert_eq!((cfg.image_token_id, cfg.boi_token_id), (9, 5));
+        let bad = base("").replacen('{', r#"{"image_token_index":9,"image_token_id":8,"#, 1);
+        let e = Gemma4Config::from_json_str(&bad, "c.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("image_token_id") && e.contains("image_token_index") && !e.contains('\n'),
             "{e}"
         );
     }

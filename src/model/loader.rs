@@ -4,8 +4,9 @@
 //! in `model.safetensors.index.json`, `tokenizer.json`, a chat template
 //! (`chat_template.jinja` or inside `tokenizer_config.json`) and `generation_config.json`.
 //! A hub id (`google/gemma-4-E2B-it`) is looked up in the local HF cache (`$HF_HOME/hub`,
-//! default `~/.cache/huggingface/hub`); with the `hub` feature and `HF_HUB_OFFLINE` unset it
-//! is downloaded (honouring `HF_ENDPOINT`). Pickle checkpoints are refused.
+//! default `~/.cache/huggingface/hub`); with the `hub` feature (on by default) and
+//! `HF_HUB_OFFLINE` unset it is downloaded into that cache ([`super::hub`]). Pickle
+//! checkpoints are refused.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -259,65 +260,7 @@ fn download(repo: &str) -> Result<ModelFiles, LoadError> {
             "{repo} is not in the HF cache and HF_HUB_OFFLINE is set"
         )));
     }
-    hub::download(repo)
-}
-
-#[cfg(feature = "hub")]
-mod hub {
-    //! Downloads through `hf-hub` 1.0 (blocking client). The client reads `HF_ENDPOINT`,
-    //! `HF_TOKEN`, `HF_HUB_CACHE` / `HF_HOME` from the environment and stores files in the
-    //! standard cache layout, so a later offline run finds them.
-    use super::*;
-
-    pub fn download(repo: &str) -> Result<ModelFiles, LoadError> {
-        let err = |m: String| LoadError::Hub {
-            repo: repo.into(),
-            message: m,
-        };
-        let (owner, name) = repo
-            .split_once('/')
-            .ok_or_else(|| err("expected owner/name".into()))?;
-        let client = hf_hub::HFClientSync::new().map_err(|e| err(e.to_string()))?;
-        let r = client.model(owner, name);
-        let get = |f: &str| r.download_file().filename(f).send();
-        let config = get("config.json").map_err(|e| err(e.to_string()))?;
-        let dir = config
-            .parent()
-            .ok_or_else(|| err("config.json has no parent folder".into()))?
-            .to_path_buf();
-        if let Ok(index) = get("model.safetensors.index.json") {
-            let text = std::fs::read_to_string(&index).map_err(|source| LoadError::Io {
-                path: index.clone(),
-                source,
-            })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-            let files: BTreeSet<String> = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .map(|m| {
-                    m.values()
-                        .filter_map(|f| f.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
-            for f in files {
-                get(&f).map_err(|e| err(e.to_string()))?;
-            }
-        } else {
-            get("model.safetensors").map_err(|e| err(e.to_string()))?;
-        }
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "chat_template.jinja",
-            "generation_config.json",
-        ] {
-            // Optional files: a missing one is not an error.
-            let _ = get(f);
-        }
-        ModelFiles::from_dir(&dir)
-    }
+    super::hub::Hub::from_env()?.download(repo)
 }
 
 #[derive(Clone)]

@@ -14,6 +14,8 @@ pub mod clippable;
 pub mod config;
 pub mod gemma4;
 pub mod generate;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod layers;
 pub mod loader;
 pub mod media;

@@ -156,19 +156,26 @@ impl Gemma4Tokenizer {
         let tpath = files.tokenizer.as_ref().ok_or_else(|| {
             LoadError::NotFound(format!("{} has no tokenizer.json", files.dir.display()))
         })?;
-        let tok = tokenizers::Tokenizer::from_file(tpath)
+        let mut tok = tokenizers::Tokenizer::from_file(tpath)
             .map_err(|e| LoadError::Tokenizer(format!("{}: {e}", tpath.display())))?;
+        let tokenizer_config = match &files.tokenizer_config {
+            Some(p) => Some(
+                serde_json::from_str::<serde_json::Value>(&read(p)?).map_err(|e| {
+                    LoadError::Parse {
+                        path: p.clone(),
+                        message: e.to_string(),
+                    }
+                })?,
+            ),
+            None => None,
+        };
+        mark_reference_specials(&mut tok, tokenizer_config.as_ref());
         let mut template = None;
         if let Some(p) = &files.chat_template {
             template = Some(read(p)?);
         }
         if template.is_none() {
-            if let Some(p) = &files.tokenizer_config {
-                let v: serde_json::Value =
-                    serde_json::from_str(&read(p)?).map_err(|e| LoadError::Parse {
-                        path: p.clone(),
-                        message: e.to_string(),
-                    })?;
+            if let Some(v) = &tokenizer_config {
                 template = match v.get("chat_template") {
                     Some(serde_json::Value::String(s)) => Some(s.clone()),
                     Some(serde_json::Value::Array(list)) => list
@@ -288,6 +295,97 @@ impl Gemma4Tokenizer {
     pub fn expand_media(&self, rendered: &str, media: &[MediaItem]) -> Result<String, PromptError> {
         expand_media(rendered, media)
     }
+}
+
+/// Marks as special every token that transformers treats as special when it loads this
+/// checkpoint, so `decode(ids, true)` drops exactly what the reference's
+/// `tokenizer.decode(ids, skip_special_tokens=True)` drops:
+/// - `added_tokens_decoder` entries of `tokenizer_config.json` with `"special": true`;
+/// - the named special tokens there (`bos_token`, `eos_token`, `pad_token`, `unk_token`,
+///   `mask_token`, the media tokens such as `boi_token`, and `additional_special_tokens` /
+///   `extra_special_tokens`);
+/// - and, whatever the files say, the reserved `<unusedN>` added tokens: a sampled one is
+///   never text a user should see.
+///
+/// Only tokens the tokenizer already knows are marked (ids and encoding stay the same); an
+/// added token keeps its matching flags (`lstrip`, `normalized`, ...).
+pub fn mark_reference_specials(
+    tok: &mut tokenizers::Tokenizer,
+    tokenizer_config: Option<&serde_json::Value>,
+) {
+    let mut names: Vec<String> = Vec::new();
+    if let Some(cfg) = tokenizer_config {
+        if let Some(map) = cfg.get("added_tokens_decoder").and_then(|m| m.as_object()) {
+            for entry in map.values() {
+                if entry.get("special").and_then(|s| s.as_bool()) == Some(true) {
+                    if let Some(c) = entry.get("content").and_then(|c| c.as_str()) {
+                        names.push(c.to_string());
+                    }
+                }
+            }
+        }
+        let content = |v: &serde_json::Value| -> Option<String> {
+            match v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => {
+                    o.get("content").and_then(|c| c.as_str()).map(String::from)
+                }
+                _ => None,
+            }
+        };
+        if let Some(obj) = cfg.as_object() {
+            for (key, value) in obj {
+                if key.ends_with("_token") && key != "chat_template" {
+                    names.extend(content(value));
+                }
+            }
+        }
+        for key in ["additional_special_tokens", "extra_special_tokens"] {
+            match cfg.get(key) {
+                Some(serde_json::Value::Array(list)) => {
+                    names.extend(list.iter().filter_map(content))
+                }
+                Some(serde_json::Value::Object(map)) => {
+                    names.extend(map.values().filter_map(content))
+                }
+                _ => {}
+            }
+        }
+    }
+    let added = tok.get_added_tokens_decoder();
+    names.extend(
+        added
+            .values()
+            .filter(|t| is_unused_token(&t.content))
+            .map(|t| t.content.clone()),
+    );
+    let mut marks: Vec<tokenizers::AddedToken> = Vec::new();
+    for name in names {
+        let Some(id) = tok.token_to_id(&name) else {
+            continue;
+        };
+        let mut t = added
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| tokenizers::AddedToken::from(name.clone(), true));
+        if t.special || t.content != name {
+            continue;
+        }
+        t.special = true;
+        marks.push(t);
+    }
+    if !marks.is_empty() {
+        if let Err(e) = tok.add_special_tokens(marks) {
+            tracing::warn!(error = %e, "Could not mark the checkpoint's special tokens; decoded text may show them.");
+        }
+    }
+}
+
+/// `<unused0>` ... `<unused6241>`: reserved ids of the Gemma vocabulary.
+fn is_unused_token(s: &str) -> bool {
+    s.strip_prefix("<unused")
+        .and_then(|r| r.strip_suffix('>'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// See [`Gemma4Tokenizer::expand_media`].
@@ -433,6 +531,89 @@ fn py_methods(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The tiny tokenizer plus reserved `<unusedN>` tokens, with `<|tool_call>` and the
+    /// unused ones not special in tokenizer.json (as in hub files where only
+    /// tokenizer_config.json's `added_tokens_decoder` marks a token special).
+    fn tokenizer_with_unused() -> tokenizers::Tokenizer {
+        let mut j: serde_json::Value =
+            serde_json::from_str(&crate::model::testing::tiny_tokenizer_json()).unwrap();
+        let n = j["model"]["vocab"].as_object().unwrap().len();
+        for (k, name) in ["<unused0>", "<unused17>"].iter().enumerate() {
+            j["model"]["vocab"][name] = serde_json::json!(n + k);
+            j["added_tokens"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({
+                "id": n + k, "content": name, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": false}));
+        }
+        for t in j["added_tokens"].as_array_mut().unwrap() {
+            if t["content"] == "<|tool_call>" || t["content"] == "<|turn>" {
+                t["special"] = serde_json::json!(false);
+            }
+        }
+        tokenizers::Tokenizer::from_bytes(j.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn decode_drops_what_the_reference_skips() {
+        let mut tok = tokenizer_with_unused();
+        let id = |t: &tokenizers::Tokenizer, s: &str| t.token_to_id(s).unwrap();
+        let text = tok
+            .encode("Hi there, 3 cats.", false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let mut ids = vec![id(&tok, "<bos>"), id(&tok, "<|turn>")];
+        ids.extend(&text[..4]);
+        ids.push(id(&tok, "<unused0>"));
+        ids.extend(&text[4..]);
+        ids.extend([
+            id(&tok, "<|tool_call>"),
+            id(&tok, "<unused17>"),
+            id(&tok, "<turn|>"),
+            id(&tok, "<eos>"),
+        ]);
+        // Before: the files alone leave non-special control tokens in the text.
+        let raw = tok.decode(&ids, true).unwrap();
+        assert!(
+            raw.contains("<unused0>") && raw.contains("<|tool_call>"),
+            "{raw}"
+        );
+        let config = serde_json::json!({
+            "added_tokens_decoder": {
+                "5": {"content": "<|turn>", "special": true, "lstrip": false, "normalized": false,
+                      "rstrip": false, "single_word": false},
+                "19": {"content": "<|tool_call>", "special": true, "lstrip": false,
+                       "normalized": false, "rstrip": false, "single_word": false}
+            },
+            "bos_token": "<bos>", "eos_token": {"content": "<eos>"}, "add_bos_token": true
+        });
+        let before = tok
+            .encode("a <|tool_call> b", false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        mark_reference_specials(&mut tok, Some(&config));
+        assert_eq!(tok.decode(&ids, true).unwrap(), "Hi there, 3 cats.");
+        // Ids and encoding are unchanged: only the special flag moved.
+        assert_eq!(
+            tok.encode("a <|tool_call> b", false).unwrap().get_ids(),
+            &before[..]
+        );
+        assert_eq!(
+            id(&tok, "<unused17>"),
+            id(&tokenizer_with_unused(), "<unused17>")
+        );
+        // Without the flag, the tokens are still there for prompts and debugging.
+        assert!(tok.decode(&ids, false).unwrap().contains("<unused0>"));
+        assert!(
+            is_unused_token("<unused6241>")
+                && !is_unused_token("<unused>")
+                && !is_unused_token("<unusedx>")
+        );
+    }
 
     #[test]
     fn video_stamps_are_mm_ss() {

@@ -5,6 +5,7 @@
 
 pub mod image;
 pub mod mel;
+pub mod resample;
 pub mod unified;
 pub mod wav;
 
