@@ -254,7 +254,7 @@ pub struct RunExtras {
     pub model: Option<SharedModel>,
     pub resume: Option<crate::tasks::Resume>,
     pub transcript_files: Option<(PathBuf, PathBuf)>,
-    pub checkpoint: Option<Arc<dyn Fn(f64, u64) + Send + Sync>>,
+    pub checkpoint: Option<Arc<dyn crate::tasks::RecordingHooks>>,
 }
 
 /// One source started by this run (kept after it ends, for its summary).
@@ -483,6 +483,10 @@ impl ControlApi for Shared {
             if let Some(t) = &r.task {
                 lock(t).on_skipped(&j, why);
             }
+        }
+        // Its summary frames, transcript and windows go now, not at exit.
+        if let Some(t) = r.task.take() {
+            lock(&t).release();
         }
         Ok(())
     }
@@ -808,6 +812,9 @@ pub fn run_with(
         }
     }
     events.flush();
+    if let Some(e) = events.write_error() {
+        failures.push(format!("events {}: {e}", cfg.run.events));
+    }
     if let Some(m) = mqtt {
         let st = m.stop();
         tracing::info!(

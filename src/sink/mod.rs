@@ -24,6 +24,8 @@ struct Inner {
     /// checkpoints that must point between lines).
     written: std::sync::atomic::AtomicU64,
     subscribers: Mutex<Vec<crossbeam_channel::Sender<Event>>>,
+    /// Why the writer was given up (disk full...), for the run's exit code.
+    write_error: Mutex<Option<String>>,
 }
 
 impl Events {
@@ -54,6 +56,7 @@ impl Events {
                 writer: Mutex::new(writer),
                 written: std::sync::atomic::AtomicU64::new(0),
                 subscribers: Mutex::new(Vec::new()),
+                write_error: Mutex::new(None),
             }),
         }
     }
@@ -101,6 +104,11 @@ impl Events {
                     // A closed pipe (`percept run ... | head`) is the reader's choice, not an error.
                     if e.kind() != io::ErrorKind::BrokenPipe {
                         tracing::error!(error = %e, "Cannot write events; further events are not written.");
+                        *self
+                            .inner
+                            .write_error
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                     }
                     *guard = None;
                 }
@@ -124,6 +132,15 @@ impl Events {
         self.inner
             .written
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Why events stopped being written, if they did (not for a closed stdout pipe).
+    pub fn write_error(&self) -> Option<String> {
+        self.inner
+            .write_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn flush(&self) {
