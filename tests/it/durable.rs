@@ -526,3 +526,54 @@ fn mutated_media_end_in_success_or_one_clear_error() {
         crate::faults::check_one(&d, c);
     }
 }
+
+/// `summarize` on a live source: a rolling `summary` event every
+/// `summary_window_seconds` of media, each over its own window's frames (one a second,
+/// never the whole stream's), carrying the previous one forward.
+#[test]
+fn live_summarize_is_a_rolling_summary_with_bounded_frames() {
+    let d = tmpdir("durable-rolling");
+    let cfg = model_config(&d, "[captions]\nsummary_window_seconds = 3.0\n");
+    let events = d.join("events.jsonl");
+    let child = Command::new(percept_bin())
+        .args(["run", "--no-http", "--config"])
+        .arg(&cfg)
+        .arg("--events")
+        .arg(&events)
+        .args(["--source", "cam=test:?live=true", "--task", "summarize"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let n = of_kind(&read_events(&events), "cam", "summary").len();
+        if n >= 3 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{n} rolling summaries"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    run_tool("kill", &["-TERM", &child.id().to_string()]);
+    let out = wait_or_fail(child, Duration::from_secs(30), "percept run at SIGTERM");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ev = read_events(&events);
+    let rolling: Vec<&Value> = of_kind(&ev, "cam", "summary")
+        .into_iter()
+        .filter(|e| e.get("text").is_some())
+        .collect();
+    assert!(rolling.len() >= 3, "{rolling:?}");
+    for pair in rolling.windows(2) {
+        assert!(f(pair[1], "t") >= f(pair[0], "end") - 1e-3, "{pair:?}");
+    }
+    for s in &rolling {
+        // One frame a second of its window; thinned, never more than two windows' worth.
+        let frames = u(s, "frames");
+        assert!((1..=6).contains(&frames), "{s}");
+        assert!(f(s, "end") - f(s, "t") >= 3.0 - 1e-3, "{s}");
+    }
+}
