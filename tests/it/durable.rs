@@ -12,22 +12,47 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Waits for a child with a deadline; a child still running then is killed and the test
-/// fails: a hang is a failure, not a stuck test run.
-fn wait_or_fail(mut child: Child, limit: Duration, what: &str) -> Output {
+/// fails: a hang is a failure, not a stuck test run. Its stderr is read meanwhile (a full
+/// pipe would block the child and look like a hang).
+pub fn wait_or_fail(mut child: Child, limit: Duration, what: &str) -> Output {
+    use std::io::Read;
+    let mut pipe = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(p) = pipe.as_mut() {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    });
     let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
         }
         if start.elapsed() > limit {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{what}: still running after {limit:?} (hung); stderr:\n{}",
-                stderr(&out)
-            );
+            let _ = child.wait();
+            break None;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = reader.join().unwrap();
+    let Some(status) = status else {
+        let text = String::from_utf8_lossy(&err);
+        let tail: String = text
+            .chars()
+            .rev()
+            .take(4000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        panic!("{what}: still running after {limit:?} (hung); stderr tail:\n{tail}");
+    };
+    Output {
+        status,
+        stdout: Vec::new(),
+        stderr: err,
     }
 }
 

@@ -135,7 +135,7 @@ pub fn check_one(d: &Path, c: &Case) -> Outcome {
         std::fs::write(&cfg, "[model]\nenabled = false\n").unwrap();
     }
     let events = c.path.with_extension("events.jsonl");
-    let mut child = Command::new(percept_bin())
+    let child = Command::new(percept_bin())
         .args(["run", "--no-http", "--config"])
         .arg(&cfg)
         .arg("--events")
@@ -147,15 +147,7 @@ pub fn check_one(d: &Path, c: &Case) -> Outcome {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("{}: still running after 60 s (hung)", c.what);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = crate::durable::wait_or_fail(child, Duration::from_secs(60), &c.what);
     let err = stderr(&out);
     assert!(
         matches!(out.status.code(), Some(0 | 2)),
