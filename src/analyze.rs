@@ -13,15 +13,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, SourceConfig, TaskKind};
 use crate::control::ModelStatus;
+use crate::lock;
 use crate::run::{self, Overrides, RunExtras, SharedModel};
-use crate::tasks::Resume;
+use crate::tasks::{RecordingHooks, Resume};
 
 const MEDIA_EXTENSIONS: [&str; 13] = [
     "wav", "flac", "mp3", "ogg", "opus", "m4a", "aac", "mp4", "mov", "mkv", "webm", "ts", "avi",
@@ -70,17 +71,40 @@ pub struct Analyzed {
     pub skipped: bool,
     pub resumed_from: Option<f64>,
     pub transcript_windows: usize,
+    /// Why this recording is not done (it is analysed again, from its checkpoint, next
+    /// time); the batch goes on with the next recording.
+    pub failed: Option<String>,
 }
 
-/// Files under `paths` (folders searched recursively for media), in a stable order.
-pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, AnalyzeError> {
+impl Analyzed {
+    fn failed(recording: &Path, out_dir: PathBuf, why: String) -> Analyzed {
+        Analyzed {
+            recording: recording.to_path_buf(),
+            out_dir,
+            skipped: false,
+            resumed_from: None,
+            transcript_windows: 0,
+            failed: Some(why),
+        }
+    }
+}
+
+/// Recordings found, and folders that could not be read with the reason.
+pub type Found = (Vec<PathBuf>, Vec<(PathBuf, String)>);
+
+/// Files under `paths` (folders searched recursively for media), in a stable order, and
+/// the folders that could not be read (reported as failed, the rest goes on). Symbolic
+/// links to folders inside a searched folder are not followed (a link back up would loop
+/// forever); links to files are.
+pub fn collect(paths: &[PathBuf]) -> Result<Found, AnalyzeError> {
     let mut out = Vec::new();
+    let mut unreadable = Vec::new();
     for p in paths {
         if p.is_dir() {
             let mut found = Vec::new();
-            walk(p, &mut found).map_err(io_err(p))?;
+            walk(p, &mut found, &mut unreadable);
             found.sort();
-            if found.is_empty() {
+            if found.is_empty() && !unreadable.iter().any(|(u, _)| u.starts_with(p)) {
                 return Err(AnalyzeError::Input {
                     path: p.display().to_string(),
                     message: format!(
@@ -99,14 +123,34 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, AnalyzeError> {
             });
         }
     }
-    Ok(out)
+    Ok((out, unreadable))
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let p = entry?.path();
-        if p.is_dir() {
-            walk(&p, out)?;
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, unreadable: &mut Vec<(PathBuf, String)>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            unreadable.push((dir.to_path_buf(), format!("cannot read this folder: {e}")));
+            return;
+        }
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                unreadable.push((dir.to_path_buf(), format!("cannot read this folder: {e}")));
+                continue;
+            }
+        };
+        let p = entry.path();
+        // The entry's own type: a symbolic link is a link here, not what it points to.
+        let Ok(ft) = entry.file_type() else {
+            continue;
+        };
+        if ft.is_dir() {
+            walk(&p, out, unreadable);
+        } else if ft.is_symlink() && p.is_dir() {
+            tracing::info!(path = %p.display(), "Not following a symbolic link to a folder.");
         } else if p
             .extension()
             .and_then(|e| e.to_str())
@@ -115,7 +159,6 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
             out.push(p);
         }
     }
-    Ok(())
 }
 
 /// A short, file-system- and label-safe name from the file stem.
@@ -162,8 +205,24 @@ fn write_checkpoint(path: &Path, cp: &Checkpoint) -> std::io::Result<()> {
         f.write_all(&text)?;
         f.sync_all()?;
     }
-    // rename is atomic: a SIGKILL leaves the old or the new checkpoint, never half of one.
-    std::fs::rename(&tmp, path)
+    // rename is atomic: a SIGKILL leaves the old or the new checkpoint, never half of one;
+    // syncing the folder makes the rename itself survive a power cut.
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path)
+}
+
+/// The folder holding `path`, synced (its entries: new files, renames).
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => std::fs::File::open(d)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// A file's data on disk. Any descriptor will do: `fsync` writes back the file, not the
+/// descriptor's own writes.
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_data()
 }
 
 fn read_checkpoint(path: &Path) -> Option<Checkpoint> {
@@ -171,28 +230,55 @@ fn read_checkpoint(path: &Path) -> Option<Checkpoint> {
     serde_json::from_str(&text).ok()
 }
 
-/// Cut events.jsonl back to the checkpoint and read what it holds.
-fn prepare_resume(events: &Path, cp: &Checkpoint) -> Result<Resume, AnalyzeError> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(events)
-        .map_err(io_err(events))?;
-    f.set_len(cp.events_bytes).map_err(io_err(events))?;
-    drop(f);
-    let text = std::fs::read_to_string(events).map_err(io_err(events))?;
+/// Cut events.jsonl back to what the checkpoint vouches for and read what it holds.
+///
+/// The checkpoint is written after the events were synced, but a file system may still
+/// hand back less (a shorter file) or zeros (blocks allocated, never written) after a power
+/// cut. So the file is read, not trusted: it is cut at the first line that is not a
+/// complete event or at the checkpoint's length, whichever comes first, and never made
+/// longer (that would pad it with NULs). When it had to be cut before the checkpoint's
+/// length, the model goes back to the end of the last transcript window still there, so
+/// what was lost is analysed again. The same holds for a `frame` event whose frame the
+/// summary kept (the keep rule is replayed) but whose JPEG is not in `frames`.
+fn prepare_resume(events: &Path, frames: &Path, cp: &Checkpoint) -> Result<Resume, AnalyzeError> {
+    let kept: std::collections::HashSet<u64> = crate::tasks::summary::kept_in(frames)
+        .iter()
+        .map(|f| (f.t * 1000.0).round() as u64)
+        .collect();
+    let mut last_kept = None;
+    let bytes = std::fs::read(events).map_err(io_err(events))?;
+    let limit = (cp.events_bytes as usize).min(bytes.len());
+    let mut kept_bytes = 0usize;
     let mut r = Resume {
         model_from: cp.media_t,
         ..Resume::default()
     };
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
+    for line in bytes[..limit].split_inclusive(|b| *b == b'\n') {
+        if !line.ends_with(b"\n") {
+            break;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            break;
         };
+        if !v.is_object() {
+            break;
+        }
+        kept_bytes += line.len();
         let t = v["t"].as_f64().unwrap_or(0.0);
         let end = v["end"].as_f64().unwrap_or(t);
         match v["kind"].as_str() {
             Some("audio") => r.audio_after = r.audio_after.max(end),
-            Some("frame") => r.frame_after = Some(r.frame_after.map_or(t, |f: f64| f.max(t))),
+            Some("frame") => {
+                if crate::tasks::summary::frame_due(last_kept, t) {
+                    if !kept.contains(&((t * 1000.0).round() as u64)) {
+                        // Its summary frame is missing: this line and all after it go.
+                        kept_bytes -= line.len();
+                        break;
+                    }
+                    last_kept = Some(t);
+                }
+                r.frame_after = Some(r.frame_after.map_or(t, |f: f64| f.max(t)));
+            }
             Some("transcript") => {
                 r.transcript
                     .push((t, end, v["text"].as_str().unwrap_or_default().to_string()))
@@ -200,7 +286,75 @@ fn prepare_resume(events: &Path, cp: &Checkpoint) -> Result<Resume, AnalyzeError
             _ => {}
         }
     }
+    let kept = kept_bytes;
+    if (kept as u64) < cp.events_bytes {
+        let back_to = r.transcript.last().map(|l| l.1).unwrap_or(0.0);
+        tracing::warn!(
+            events = %events.display(),
+            on_disk = kept,
+            checkpoint = cp.events_bytes,
+            from = back_to,
+            "The events file holds less than the checkpoint says (a power cut?); analysing again from the last transcript window on disk."
+        );
+        r.model_from = back_to.min(cp.media_t);
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(events)
+        .map_err(io_err(events))?;
+    f.set_len(kept as u64).map_err(io_err(events))?;
+    f.sync_all().map_err(io_err(events))?;
     Ok(r)
+}
+
+/// `percept analyze`'s side of [`RecordingHooks`]: syncs the events file and moves the
+/// checkpoint; keeps the first failure.
+struct Durable {
+    checkpoint: PathBuf,
+    events: PathBuf,
+    frames: PathBuf,
+    base: Checkpoint,
+    failure: Mutex<Option<String>>,
+}
+
+impl Durable {
+    fn failure(&self) -> Option<String> {
+        lock(&self.failure).clone()
+    }
+}
+
+impl RecordingHooks for Durable {
+    fn commit(&self, t: f64, events_bytes: u64) -> Result<(), String> {
+        let on_disk = std::fs::metadata(&self.events)
+            .map(|m| m.len())
+            .map_err(|e| format!("{}: {e}", self.events.display()))?;
+        if on_disk < events_bytes {
+            return Err(format!(
+                "{}: {on_disk} bytes, but {events_bytes} were written",
+                self.events.display()
+            ));
+        }
+        sync_file(&self.events).map_err(|e| format!("syncing {}: {e}", self.events.display()))?;
+        let cp = Checkpoint {
+            media_t: t,
+            events_bytes,
+            ..self.base.clone()
+        };
+        write_checkpoint(&self.checkpoint, &cp)
+            .map_err(|e| format!("writing {}: {e}", self.checkpoint.display()))
+    }
+
+    fn frames_dir(&self) -> Option<PathBuf> {
+        Some(self.frames.clone())
+    }
+
+    fn fail(&self, what: String) {
+        let mut f = lock(&self.failure);
+        if f.is_none() {
+            tracing::error!(checkpoint = %self.checkpoint.display(), error = %what, "The recording lost output; it stays not done and its checkpoint stays where it was.");
+            *f = Some(what);
+        }
+    }
 }
 
 fn mmss(t: f64) -> String {
@@ -264,14 +418,16 @@ fn md_escape(s: &str) -> String {
     o
 }
 
-/// Analyse every recording under `paths` into `out`, loading the model once.
+/// Analyse every recording under `paths` into `out`, loading the model once. A recording
+/// that fails is reported in its [`Analyzed::failed`] and the batch goes on; errors that
+/// stop everything (bad config, no model) are `Err`.
 pub fn analyze(
     cfg: Config,
     paths: &[PathBuf],
     out: &Path,
     stop: Arc<AtomicBool>,
 ) -> Result<Vec<Analyzed>, AnalyzeError> {
-    let recordings = prepare(&cfg, paths)?;
+    let found = prepare(&cfg, paths)?;
     let (model, engine) = SharedModel::start(&cfg.model)?;
     loop {
         match model.live.model() {
@@ -283,7 +439,7 @@ pub fn analyze(
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
-    let results = analyze_each(&cfg, &recordings, out, &model, stop);
+    let results = analyze_each(&cfg, &found, out, &model, stop);
     model.dispatch.close();
     let _ = engine.join();
     results
@@ -298,12 +454,12 @@ pub fn analyze_with(
     stop: Arc<AtomicBool>,
     model: &SharedModel,
 ) -> Result<Vec<Analyzed>, AnalyzeError> {
-    let recordings = prepare(&cfg, paths)?;
-    analyze_each(&cfg, &recordings, out, model, stop)
+    let found = prepare(&cfg, paths)?;
+    analyze_each(&cfg, &found, out, model, stop)
 }
 
 /// Checks the config and finds the recordings.
-fn prepare(cfg: &Config, paths: &[PathBuf]) -> Result<Vec<PathBuf>, AnalyzeError> {
+fn prepare(cfg: &Config, paths: &[PathBuf]) -> Result<Found, AnalyzeError> {
     let problems = cfg.validate();
     if !problems.is_empty() {
         return Err(AnalyzeError::Config(problems.join("; ")));
@@ -313,38 +469,115 @@ fn prepare(cfg: &Config, paths: &[PathBuf]) -> Result<Vec<PathBuf>, AnalyzeError
             "analyze needs the model: [model] enabled is false".into(),
         ));
     }
-    let recordings = collect(paths)?;
+    let found = collect(paths)?;
     gstreamer::init().map_err(|e| AnalyzeError::Config(format!("GStreamer: {e}")))?;
-    Ok(recordings)
+    Ok(found)
 }
 
 fn analyze_each(
     cfg: &Config,
-    recordings: &[PathBuf],
+    found: &Found,
     out: &Path,
     model: &SharedModel,
     stop: Arc<AtomicBool>,
 ) -> Result<Vec<Analyzed>, AnalyzeError> {
-    let mut results = Vec::new();
+    let (recordings, unreadable) = found;
+    let mut results: Vec<Analyzed> = unreadable
+        .iter()
+        .map(|(p, why)| Analyzed::failed(p, PathBuf::new(), why.clone()))
+        .collect();
     let mut used = std::collections::HashSet::new();
+    let mut seen = std::collections::HashSet::new();
     for rec in recordings {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let mut name = source_name(rec);
-        let mut k = 2;
-        while !used.insert(name.clone()) {
-            name = format!("{}-{k}", source_name(rec));
-            k += 1;
+        if let ModelStatus::Unavailable { message, .. } = model.live.model() {
+            results.push(Analyzed::failed(
+                rec,
+                PathBuf::new(),
+                format!("model unavailable: {message}"),
+            ));
+            continue;
         }
-        results.push(analyze_one(cfg, rec, &name, out, model, stop.clone())?);
+        let identity = recording_identity(rec);
+        if !seen.insert(identity.clone()) {
+            // The same file named twice (or through a link): analysed once.
+            continue;
+        }
+        let name = match claim_dir(out, rec, &identity, &mut used) {
+            Ok(n) => n,
+            Err(e) => {
+                results.push(Analyzed::failed(rec, out.to_path_buf(), e.to_string()));
+                continue;
+            }
+        };
+        let dir = out.join(&name);
+        match analyze_one(cfg, rec, &identity, &name, out, model, stop.clone()) {
+            Ok(a) => results.push(a),
+            Err(e) => {
+                tracing::error!(recording = %rec.display(), error = %e, "Recording failed; going on with the next.");
+                results.push(Analyzed::failed(rec, dir, e.to_string()));
+            }
+        }
     }
     Ok(results)
 }
 
+/// Who a recording is, across runs and working directories: its canonical path.
+fn recording_identity(rec: &Path) -> String {
+    std::fs::canonicalize(rec)
+        .unwrap_or_else(|_| rec.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// The output folder of a recording: `<stem>`, or `<stem>-2`, `<stem>-3`... when another
+/// recording with the same stem has that one. A folder belongs to the recording its
+/// `checkpoint.json` names (written before anything else), so the same recording gets
+/// the same folder on every run, whatever else is analysed with it and in what order.
+fn claim_dir(
+    out: &Path,
+    rec: &Path,
+    identity: &str,
+    used: &mut std::collections::HashSet<String>,
+) -> Result<String, AnalyzeError> {
+    let base = source_name(rec);
+    let candidate = |k: usize| {
+        if k == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{k}")
+        }
+    };
+    let mut free = None;
+    for k in 1.. {
+        let name = candidate(k);
+        let dir = out.join(&name);
+        if !dir.exists() {
+            free = free.or(Some(name));
+            break;
+        }
+        match read_checkpoint(&dir.join("checkpoint.json")) {
+            Some(c) if c.recording == identity && !used.contains(&name) => {
+                used.insert(name.clone());
+                return Ok(name);
+            }
+            Some(_) => {}
+            None if free.is_none() && !used.contains(&name) => free = Some(name),
+            None => {}
+        }
+    }
+    let name = free.unwrap_or_else(|| candidate(1));
+    used.insert(name.clone());
+    Ok(name)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn analyze_one(
     cfg: &Config,
     rec: &Path,
+    identity: &str,
     name: &str,
     out: &Path,
     model: &SharedModel,
@@ -356,11 +589,21 @@ fn analyze_one(
     let cp_path = dir.join("checkpoint.json");
     let vtt = dir.join("transcript.vtt");
     let srt = dir.join("transcript.srt");
+    let summary_md = dir.join("summary.md");
+    let frames = dir.join("frames");
     let (size, mtime) = fingerprint(rec)?;
-    let recording = rec.display().to_string();
+    let recording = identity.to_string();
     let previous = read_checkpoint(&cp_path)
         .filter(|c| c.recording == recording && c.size == size && c.mtime == mtime);
     let mut resume = None;
+    let base = Checkpoint {
+        recording: recording.clone(),
+        size,
+        mtime,
+        media_t: 0.0,
+        events_bytes: 0,
+        done: false,
+    };
     match &previous {
         Some(c) if c.done => {
             tracing::info!(recording = %recording, out = %dir.display(), "Already analysed; remove its folder to analyse it again.");
@@ -370,18 +613,25 @@ fn analyze_one(
                 skipped: true,
                 resumed_from: None,
                 transcript_windows: 0,
+                failed: None,
             });
         }
         Some(c) if events.exists() => {
-            tracing::info!(recording = %recording, from = c.media_t, "Resuming from the checkpoint.");
-            resume = Some(prepare_resume(&events, c)?);
+            let r = prepare_resume(&events, &frames, c)?;
+            tracing::info!(recording = %recording, from = r.model_from, "Resuming from the checkpoint.");
+            resume = Some(r);
         }
         _ => {
-            for f in [&events, &vtt, &srt, &dir.join("summary.md"), &cp_path] {
+            for f in [&events, &vtt, &srt, &summary_md, &cp_path] {
                 if f.exists() {
                     std::fs::remove_file(f).map_err(io_err(f))?;
                 }
             }
+            if frames.exists() {
+                std::fs::remove_dir_all(&frames).map_err(io_err(&frames))?;
+            }
+            // The folder is this recording's from now on (see `claim_dir`).
+            write_checkpoint(&cp_path, &base).map_err(io_err(&cp_path))?;
         }
     }
     let resumed_from = resume.as_ref().map(|r| r.model_from);
@@ -394,25 +644,15 @@ fn analyze_one(
     c.run.realtime = false;
     c.http.enabled = false;
     c.captions.dir = String::new();
-    let cp_file = cp_path.clone();
-    let base = Checkpoint {
-        recording: recording.clone(),
-        size,
-        mtime,
-        media_t: resumed_from.unwrap_or(0.0),
-        events_bytes: 0,
-        done: false,
-    };
-    let cp_base = base.clone();
-    let checkpoint: Arc<dyn Fn(f64, u64) + Send + Sync> = Arc::new(move |t, bytes| {
-        let cp = Checkpoint {
-            media_t: t,
-            events_bytes: bytes,
-            ..cp_base.clone()
-        };
-        if let Err(e) = write_checkpoint(&cp_file, &cp) {
-            tracing::error!(path = %cp_file.display(), error = %e, "Cannot write the checkpoint.");
-        }
+    let durable = Arc::new(Durable {
+        checkpoint: cp_path.clone(),
+        events: events.clone(),
+        frames: frames.clone(),
+        base: Checkpoint {
+            media_t: resumed_from.unwrap_or(0.0),
+            ..base.clone()
+        },
+        failure: Mutex::new(None),
     });
     let started = Instant::now();
     let report = run::run_with(
@@ -424,15 +664,9 @@ fn analyze_one(
             model: Some(model.clone()),
             resume,
             transcript_files: Some((vtt.clone(), srt.clone())),
-            checkpoint: Some(checkpoint),
+            checkpoint: Some(durable.clone()),
         },
     )?;
-    if let Some(f) = report.failures.first() {
-        return Err(AnalyzeError::Input {
-            path: recording,
-            message: f.clone(),
-        });
-    }
     if stop.load(Ordering::Relaxed) {
         // Interrupted: the checkpoint stays for the next run.
         return Ok(Analyzed {
@@ -441,7 +675,23 @@ fn analyze_one(
             skipped: false,
             resumed_from,
             transcript_windows: 0,
+            failed: None,
         });
+    }
+    let not_done = |message: String| AnalyzeError::Input {
+        path: rec.display().to_string(),
+        message,
+    };
+    if let Some(f) = report.failures.first() {
+        return Err(not_done(f.clone()));
+    }
+    if let Some(f) = durable.failure() {
+        return Err(not_done(format!(
+            "{f} (not marked done; the next run goes on from the last checkpoint)"
+        )));
+    }
+    if let ModelStatus::Unavailable { message, .. } = model.live.model() {
+        return Err(not_done(format!("model unavailable: {message}")));
     }
     if !vtt.exists() {
         // No speech: still leave valid, empty subtitle files.
@@ -450,7 +700,12 @@ fn analyze_one(
             message: e.to_string(),
         })?;
     }
-    let windows = write_summary_md(rec, &events, &dir.join("summary.md"))?;
+    let windows = write_summary_md(rec, &events, &summary_md)?;
+    // Everything the done checkpoint vouches for is on disk first.
+    for f in [&events, &vtt, &srt, &summary_md] {
+        sync_file(f).map_err(io_err(f))?;
+    }
+    sync_dir(&summary_md).map_err(io_err(&dir))?;
     let done = Checkpoint {
         done: true,
         events_bytes: std::fs::metadata(&events).map(|m| m.len()).unwrap_or(0),
@@ -464,6 +719,7 @@ fn analyze_one(
         skipped: false,
         resumed_from,
         transcript_windows: windows,
+        failed: None,
     })
 }
 

@@ -264,7 +264,12 @@ fn cmd_analyze(args: AnalyzeArgs) -> ExitCode {
     let stop = stop_on_signals();
     match percept::analyze::analyze(cfg, &args.paths, &args.out, stop) {
         Ok(done) => {
+            let mut failed = Vec::new();
             for a in &done {
+                if let Some(why) = &a.failed {
+                    failed.push(format!("{}: {why}", a.recording.display()));
+                    continue;
+                }
                 let how = if a.skipped {
                     "already analysed".to_string()
                 } else if let Some(t) = a.resumed_from {
@@ -281,7 +286,20 @@ fn cmd_analyze(args: AnalyzeArgs) -> ExitCode {
                     a.out_dir.display()
                 );
             }
-            ExitCode::SUCCESS
+            // Failures last, one line each, so they are what the user reads.
+            for f in &failed {
+                eprintln!("percept: analyze: FAILED {f}");
+            }
+            if failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "percept: analyze: {} of {} recordings failed",
+                    failed.len(),
+                    done.len()
+                );
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             eprintln!("percept: analyze: {e}");

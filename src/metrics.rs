@@ -37,6 +37,8 @@ pub struct ModelMetrics {
     pub ready: IntGauge,
     /// 1 when the model cannot be had (signal analysis only).
     pub unavailable: IntGauge,
+    /// Model steps that panicked (caught: their requests got `error` events).
+    pub panics: prometheus::IntCounter,
     pub requests: IntCounterVec,
     pub errors: IntCounterVec,
     /// Media not sent to the model, by reason (gated, superseded, unavailable...).
@@ -89,9 +91,16 @@ impl ModelMetrics {
         .expect("valid metric");
         r.register(Box::new(latency.clone()))
             .expect("unique metric");
+        let panics = prometheus::IntCounter::new(
+            "model_panics_total",
+            "Model steps that panicked (caught; the model was reloaded or marked unavailable)",
+        )
+        .expect("valid metric");
+        r.register(Box::new(panics.clone())).expect("unique metric");
         ModelMetrics {
             ready,
             unavailable,
+            panics,
             requests: counter(
                 r,
                 "model_requests_total",

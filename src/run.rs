@@ -301,7 +301,7 @@ pub struct RunExtras {
     pub model: Option<SharedModel>,
     pub resume: Option<crate::tasks::Resume>,
     pub transcript_files: Option<(PathBuf, PathBuf)>,
-    pub checkpoint: Option<Arc<dyn Fn(f64, u64) + Send + Sync>>,
+    pub checkpoint: Option<Arc<dyn crate::tasks::RecordingHooks>>,
 }
 
 /// One source started by this run (kept after it ends, for its summary).
@@ -660,6 +660,10 @@ impl ControlApi for Shared {
         tracing::info!(source = %name, "Removing source.");
         let _ = self.ctl_tx.send(Control::Remove(name.to_string()));
         self.dispatch.remove_source(name);
+        // Its summary frames, transcript and windows go now, not at exit.
+        if let Some(t) = r.task.take() {
+            lock(&t).release();
+        }
         Ok(())
     }
 
@@ -947,6 +951,9 @@ pub fn run_with(
         }
     }
     events.flush();
+    if let Some(e) = events.write_error() {
+        failures.push(format!("events {}: {e}", cfg.run.events));
+    }
     outputs.stop();
     Ok(RunReport { states, failures })
 }

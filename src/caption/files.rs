@@ -16,7 +16,7 @@ pub const LINE_CHARS: usize = 42;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptionFileError {
-    #[error("writing captions {path}")]
+    #[error("writing captions {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
@@ -41,6 +41,8 @@ pub struct CaptionFiles {
     cues: usize,
     /// End of the latest cue in milliseconds; later cues start no earlier.
     last_end_ms: u64,
+    /// Added to every cue's times: the end of an earlier run's cues in a continued file.
+    offset_ms: u64,
 }
 
 impl CaptionFiles {
@@ -61,7 +63,66 @@ impl CaptionFiles {
             srt_path: srt.to_path_buf(),
             cues: 0,
             last_end_ms: 0,
+            offset_ms: 0,
         })
+    }
+
+    /// Opens the files of a source across runs: earlier runs' cues are kept (never
+    /// truncated) and this run's cues follow them, their times shifted to start after the
+    /// last kept cue (media time starts again at zero each run, and cue times must not go
+    /// back). A cue cut short by a crash, or one that is in only one of the two files, is
+    /// dropped first (both files rewritten beside and renamed over the old ones), so the
+    /// files stay valid WebVTT and SRT with the same cues. New files when there are none.
+    pub fn continue_or_create(vtt: &Path, srt: &Path) -> Result<CaptionFiles, CaptionFileError> {
+        if !vtt.exists() && !srt.exists() {
+            return CaptionFiles::create(vtt, srt);
+        }
+        let read = |p: &Path| -> Result<String, CaptionFileError> {
+            match std::fs::read(p) {
+                Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
+                Err(e) => Err(io_err(p)(e)),
+            }
+        };
+        let (vtt_text, srt_text) = (read(vtt)?, read(srt)?);
+        let v = complete_prefix(&vtt_text, check_vtt);
+        let s = complete_prefix(&srt_text, check_srt);
+        let n = v.0.len().min(s.0.len());
+        let whole = v.1 && s.1 && v.0.len() == n && s.0.len() == n;
+        let mut files = if whole {
+            let open = |p: &Path| {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(p)
+                    .map_err(io_err(p))
+            };
+            let last_end_ms = s.0.last().map(|c| to_ms(c.end)).unwrap_or(0);
+            CaptionFiles {
+                vtt: open(vtt)?,
+                vtt_path: vtt.to_path_buf(),
+                srt: open(srt)?,
+                srt_path: srt.to_path_buf(),
+                cues: n,
+                last_end_ms,
+                offset_ms: 0,
+            }
+        } else {
+            tracing::warn!(vtt = %vtt.display(), srt = %srt.display(), kept = n, "Caption files end in an incomplete cue or differ; keeping their complete common cues.");
+            // SRT text is the cue text unescaped (VTT's is escaped), so it is written again.
+            let cues: Vec<(f64, f64, String)> = s.0[..n]
+                .iter()
+                .map(|c| (c.start, c.end, c.text.clone()))
+                .collect();
+            CaptionFiles::open_resume(vtt, srt, &cues)?
+        };
+        files.offset_ms = files.last_end_ms;
+        Ok(files)
+    }
+
+    /// Both files' data on disk (a checkpoint may then point past these cues).
+    pub fn sync(&self) -> Result<(), CaptionFileError> {
+        self.vtt.sync_data().map_err(io_err(&self.vtt_path))?;
+        self.srt.sync_data().map_err(io_err(&self.srt_path))
     }
 
     /// Resuming an interrupted analysis: both files are rewritten from the committed `cues`
@@ -96,8 +157,8 @@ impl CaptionFiles {
         if lines.is_empty() {
             return Ok(false);
         }
-        let start_ms = to_ms(t).max(self.last_end_ms);
-        let end_ms = to_ms(end).max(start_ms + 1);
+        let start_ms = (self.offset_ms + to_ms(t)).max(self.last_end_ms);
+        let end_ms = (self.offset_ms + to_ms(end)).max(start_ms + 1);
         let timing_vtt = format!(
             "{} --> {}",
             timestamp(start_ms, '.'),
@@ -143,6 +204,25 @@ impl CaptionFiles {
 
     pub fn srt_path(&self) -> &Path {
         &self.srt_path
+    }
+}
+
+/// The cues of the longest prefix of `text` that `check` accepts (cut at cue boundaries),
+/// and whether that is the whole text.
+fn complete_prefix(
+    text: &str,
+    check: fn(&str) -> Result<Vec<ParsedCue>, String>,
+) -> (Vec<ParsedCue>, bool) {
+    let mut end = text.len();
+    loop {
+        if let Ok(c) = check(&text[..end]) {
+            return (c, end == text.len());
+        }
+        // "\n\n" is ASCII, so end stays on a char boundary.
+        match text[..end.saturating_sub(1)].rfind("\n\n") {
+            Some(i) if i + 2 < end => end = i + 2,
+            _ => return (Vec::new(), false),
+        }
     }
 }
 
@@ -428,6 +508,42 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains("tmp"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn a_restart_continues_the_files_after_the_earlier_cues() {
+        let d = tmp("continue");
+        let (vtt, srt) = (d.join("cam.vtt"), d.join("cam.srt"));
+        let mut f = CaptionFiles::continue_or_create(&vtt, &srt).unwrap();
+        f.append(1.0, 2.0, "first run one").unwrap();
+        f.append(3.0, 4.5, "first run two").unwrap();
+        drop(f);
+        // The second run's media time starts at zero again.
+        let mut f = CaptionFiles::continue_or_create(&vtt, &srt).unwrap();
+        assert_eq!(f.cues(), 2);
+        f.append(0.5, 1.0, "second run").unwrap();
+        let (v, s) = read_both(&f);
+        let texts: Vec<_> = s.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(texts, ["first run one", "first run two", "second run"]);
+        assert_eq!((v[2].start, v[2].end), (5.0, 5.5));
+        assert!(std::fs::read_to_string(&srt)
+            .unwrap()
+            .contains("\n3\n00:00:05,000 --> 00:00:05,500\nsecond run\n"));
+
+        // A crash tore the last VTT cue and the SRT lacks it: both keep the common cues.
+        drop(f);
+        let torn = std::fs::read_to_string(&vtt).unwrap() + "00:00:06.000 --> 00:00:0";
+        std::fs::write(&vtt, torn).unwrap();
+        let srt_text = std::fs::read_to_string(&srt).unwrap();
+        let cut = srt_text.find("3\n00:00:05").unwrap();
+        std::fs::write(&srt, &srt_text[..cut]).unwrap();
+        let mut f = CaptionFiles::continue_or_create(&vtt, &srt).unwrap();
+        assert_eq!(f.cues(), 2);
+        f.append(0.0, 1.0, "third run & <more>").unwrap();
+        let (v, s) = read_both(&f);
+        assert_eq!(v.len(), 3);
+        assert_eq!(s[2].text, "third run & <more>");
+        assert_eq!((v[2].start, v[2].end), (4.5, 5.5));
     }
 
     #[test]

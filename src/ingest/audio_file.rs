@@ -205,7 +205,14 @@ pub struct Input {
 }
 
 impl Input {
+    /// Opens `path` for decoding. A panic inside the demuxer or decoder (symphonia has some
+    /// on corrupt input, e.g. an overflow on a damaged MP4 `stsc` atom) is contained and
+    /// becomes a [`AudioFileError::Decode`], here and in [`Input::next_block`].
     pub fn open(path: &Path) -> Result<Input, AudioFileError> {
+        contained(|| Input::open_inner(path))
+    }
+
+    fn open_inner(path: &Path) -> Result<Input, AudioFileError> {
         let file = File::open(path).map_err(AudioFileError::Open)?;
         let len = file.metadata().map_err(AudioFileError::Open)?.len();
         if len == 0 {
@@ -252,6 +259,10 @@ impl Input {
     /// The next decoded packet as interleaved samples and its channel count; `None` at the
     /// end. Corrupt packets are skipped (symphonia's advice) and counted.
     pub fn next_block(&mut self) -> Result<Option<(&[f32], usize)>, AudioFileError> {
+        contained(move || self.next_block_inner())
+    }
+
+    fn next_block_inner(&mut self) -> Result<Option<(&[f32], usize)>, AudioFileError> {
         loop {
             let packet = match self.format.next_packet() {
                 Ok(p) => p,
@@ -285,6 +296,20 @@ impl Input {
             return Ok(Some((buf.samples(), channels)));
         }
     }
+}
+
+/// Runs a symphonia call, turning a panic into a decode error (see [`Input::open`]).
+fn contained<T>(f: impl FnOnce() -> Result<T, AudioFileError>) -> Result<T, AudioFileError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        Err(AudioFileError::Decode(format!(
+            "the decoder crashed on this file ({what})"
+        )))
+    })
 }
 
 /// The whole file as 16 kHz mono (for `model run --audio`), exactly

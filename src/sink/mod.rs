@@ -43,6 +43,8 @@ struct Inner {
     seqs: Mutex<std::collections::HashMap<String, u64>>,
     taps: Mutex<Vec<Tap>>,
     answer_taps: Mutex<Vec<AnswerTap>>,
+    /// Why the writer was given up (disk full...), for the run's exit code.
+    write_error: Mutex<Option<String>>,
 }
 
 /// 11 hex digits of Unix milliseconds, then 4 that differ between processes started in the
@@ -90,6 +92,7 @@ impl Events {
                 seqs: Mutex::new(std::collections::HashMap::new()),
                 taps: Mutex::new(Vec::new()),
                 answer_taps: Mutex::new(Vec::new()),
+                write_error: Mutex::new(None),
             }),
         }
     }
@@ -190,6 +193,11 @@ impl Events {
                         // A closed pipe (`percept run ... | head`) is the reader's choice, not an error.
                         if e.kind() != io::ErrorKind::BrokenPipe {
                             tracing::error!(error = %e, "Cannot write events; further events are not written.");
+                            *self
+                                .inner
+                                .write_error
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                         }
                         *guard = None;
                     }
@@ -214,6 +222,15 @@ impl Events {
         self.inner
             .written
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Why events stopped being written, if they did (not for a closed stdout pipe).
+    pub fn write_error(&self) -> Option<String> {
+        self.inner
+            .write_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn flush(&self) {

@@ -83,7 +83,7 @@ fn report(task: &TaskRef, skipped: Vec<Skipped>) {
     if skipped.is_empty() {
         return;
     }
-    let t = lock(task);
+    let mut t = lock(task);
     for (job, why) in &skipped {
         t.on_skipped(job, *why);
     }

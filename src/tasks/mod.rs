@@ -8,6 +8,7 @@
 pub mod dispatch;
 pub mod governor;
 pub mod recording;
+pub mod snapshot;
 pub mod summary;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -167,9 +168,27 @@ pub struct TaskEnv {
     pub transcript_files: Option<(PathBuf, PathBuf)>,
     /// Lifecycle states, so governor `state` events repeat the source's real state.
     pub board: Option<Arc<crate::ingest::supervisor::StateBoard>>,
-    /// Called after each transcript window is written, with its end (media seconds) and
-    /// the events file length then.
-    pub checkpoint: Option<Arc<dyn Fn(f64, u64) + Send + Sync>>,
+    /// Recordings (`percept analyze`): told after each transcript window, and of anything
+    /// the recording lost.
+    pub checkpoint: Option<Arc<dyn RecordingHooks>>,
+}
+
+/// How a recording's task talks to `percept analyze` (see `analyze.rs`): its outputs are
+/// made durable before the checkpoint moves past them, and a lost output or request keeps
+/// the recording from being marked done.
+pub trait RecordingHooks: Send + Sync {
+    /// The transcript window ending at `t` (media seconds) is in the transcript files,
+    /// which are synced; `events_bytes` is the events file's length after its last complete
+    /// line. Syncs the events and moves the checkpoint; an error means the outputs could not
+    /// be made durable.
+    fn commit(&self, t: f64, events_bytes: u64) -> Result<(), String>;
+    /// Where the recording's summary frames are kept (`frames/` in its output folder).
+    fn frames_dir(&self) -> Option<PathBuf> {
+        None
+    }
+    /// Something the recording owes was lost (an output write failed, a request failed or
+    /// was skipped): the checkpoint no longer moves and the recording is not done.
+    fn fail(&self, what: String);
 }
 
 /// Where an interrupted recording analysis picks up (see `percept analyze`).
@@ -211,13 +230,27 @@ pub struct SourceTask {
     transcript: Vec<(f64, f64, String)>,
     transcript_files: Option<CaptionFiles>,
     last_state: f64,
-    /// `summarize`: frames kept for the summary, one per `SUMMARY_FRAME_SECONDS`.
-    clip_frames: Vec<Arc<VideoFrame>>,
+    /// `summarize`: frames kept for the summary, one per `SUMMARY_FRAME_SECONDS`, small
+    /// JPEGs (files under the recording's folder for `percept analyze`).
+    clip_frames: Vec<summary::KeptFrame>,
+    /// Media time of the last kept frame (kept frames may already be in windows).
+    last_kept: Option<f64>,
+    /// Kept frame files written since the last checkpoint (synced before the next one).
+    unsynced_frames: Vec<PathBuf>,
+    /// Live `summarize`: start of the rolling window being gathered; whether a summary
+    /// is being asked for; the latest rolling summary (carried into the next window).
+    rolling_t0: f64,
+    summary_busy: bool,
+    rolling_summary: Option<String>,
+    /// Media start of the summary being made (0 for a whole recording).
+    summary_t0: f64,
     /// `summarize`: summary windows not yet asked for, and how many there are in all.
     summary_windows: VecDeque<summary::SummaryWindow>,
     summary_total: usize,
     /// Frames and transcript lines across all summary windows.
     summary_inputs: (usize, usize),
+    /// A recording lost a window or an output: its checkpoint stays where it was.
+    recording_failed: std::sync::atomic::AtomicBool,
 }
 
 impl SourceTask {
@@ -242,9 +275,57 @@ impl SourceTask {
             transcript_files: None,
             last_state: f64::NEG_INFINITY,
             clip_frames: Vec::new(),
+            last_kept: None,
+            unsynced_frames: Vec::new(),
+            rolling_t0: 0.0,
+            summary_busy: false,
+            rolling_summary: None,
+            summary_t0: 0.0,
             summary_windows: VecDeque::new(),
             summary_total: 0,
             summary_inputs: (0, 0),
+            recording_failed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A recording lost something it owes (see [`RecordingHooks::fail`]).
+    fn recording_lost(&self, what: String) {
+        if let Some(h) = &self.env.checkpoint {
+            self.recording_failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            h.fail(what);
+        }
+    }
+
+    /// After a transcript window: transcript files synced, then the hooks sync the events
+    /// and move the checkpoint. Never past a window that was lost.
+    fn commit(&mut self, t: f64) {
+        let Some(h) = self.env.checkpoint.clone() else {
+            return;
+        };
+        if self
+            .recording_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if let Some(e) = self.feed.events.write_error() {
+            self.recording_lost(format!("writing events: {e}"));
+            return;
+        }
+        if let Some(f) = &self.transcript_files {
+            if let Err(e) = f.sync() {
+                self.recording_lost(format!("{e}"));
+                return;
+            }
+        }
+        if let Err(e) = summary::sync_kept(&self.unsynced_frames) {
+            self.recording_lost(format!("syncing summary frames: {e}"));
+            return;
+        }
+        self.unsynced_frames.clear();
+        if let Err(e) = h.commit(t, self.feed.events.position()) {
+            self.recording_lost(e);
         }
     }
 
@@ -252,6 +333,15 @@ impl SourceTask {
     /// transcript files rewritten from it).
     pub fn resume(&mut self, r: &Resume) {
         self.transcript = r.transcript.clone();
+        // The frames kept before the resume point come back from the recording's folder:
+        // the worker does not hand those frames over again.
+        if let (Some(dir), Some(after)) = (self.frames_dir(), r.frame_after) {
+            self.clip_frames = summary::kept_in(&dir)
+                .into_iter()
+                .filter(|f| f.t <= after + 1e-6)
+                .collect();
+            self.last_kept = self.clip_frames.last().map(|f| f.t);
+        }
         if let Some((vtt, srt)) = &self.env.transcript_files {
             match CaptionFiles::open_resume(vtt, srt, &self.transcript) {
                 Ok(f) => self.transcript_files = Some(f),
@@ -331,15 +421,24 @@ impl SourceTask {
         self.gov.note_input(frame.t);
         let task = self.spec.task;
         if task == TaskKind::Summarize {
-            // Kept for the windowed summary at the end, not asked about one by one.
-            let due = self
-                .clip_frames
-                .last()
-                .is_none_or(|f| frame.t - f.t >= summary::SUMMARY_FRAME_SECONDS - 1e-6);
-            if due {
-                self.clip_frames.push(Arc::new(frame));
+            // Kept for the windowed summary (at the end of a recording, every
+            // `summary_window_seconds` on a live source), not asked about one by one.
+            if summary::frame_due(self.last_kept, frame.t) {
+                self.last_kept = Some(frame.t);
+                match summary::KeptFrame::keep(&frame, self.frames_dir().as_deref()) {
+                    Ok(k) => {
+                        if let Some(p) = k.path() {
+                            self.unsynced_frames.push(p.to_path_buf());
+                        }
+                        self.clip_frames.push(k);
+                    }
+                    Err(e) => {
+                        tracing::error!(source = %self.name, error = %e, "Cannot keep a frame for the summary.");
+                        self.recording_lost(e);
+                    }
+                }
             }
-            return None;
+            return self.rolling_summary_job(frame.t);
         }
         if !task.uses_video() {
             return None;
@@ -434,14 +533,94 @@ impl SourceTask {
                     .map(|w| self.caption_job(w, chunk.captured))
                     .collect()
             }
-            TaskKind::Transcribe | TaskKind::Summarize => self
-                .recording
-                .push(chunk.t, &chunk.samples, voice)
-                .map(|w| self.audio_job(w.t0, w.samples, true, chunk.captured))
-                .into_iter()
-                .collect(),
+            TaskKind::Transcribe | TaskKind::Summarize => {
+                let mut jobs: Vec<Job> = self
+                    .recording
+                    .push(chunk.t, &chunk.samples, voice)
+                    .map(|w| self.audio_job(w.t0, w.samples, true, chunk.captured))
+                    .into_iter()
+                    .collect();
+                if task == TaskKind::Summarize {
+                    jobs.extend(self.rolling_summary_job(end));
+                }
+                jobs
+            }
             _ => Vec::new(),
         }
+    }
+
+    /// Where `percept analyze` keeps this recording's summary frames.
+    fn frames_dir(&self) -> Option<PathBuf> {
+        self.env.checkpoint.as_ref().and_then(|h| h.frames_dir())
+    }
+
+    /// Live `summarize`: once `summary_window_seconds` of media have passed since the
+    /// window began, its frames and transcript lines become a summary request carrying
+    /// the previous rolling summary; what it used is then let go, so memory holds one
+    /// window at most. While a summary is still being made the window grows, its frames
+    /// thinned to one every two seconds, then four..., so it stays bounded.
+    fn rolling_summary_job(&mut self, now: f64) -> Option<Job> {
+        if !self.live {
+            return None;
+        }
+        let span = self.env.captions.summary_window_seconds;
+        let cap = (2.0 * span / summary::SUMMARY_FRAME_SECONDS)
+            .ceil()
+            .max(2.0) as usize;
+        while self.clip_frames.len() > cap {
+            let mut i = 0;
+            self.clip_frames.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+        }
+        if self.summary_busy || now - self.rolling_t0 < span {
+            return None;
+        }
+        let (t0, t1) = (self.rolling_t0, now);
+        self.rolling_t0 = now;
+        let lines: Vec<(f64, f64, String)> = self
+            .transcript
+            .iter()
+            .filter(|l| l.0 >= t0 && l.0 < t1)
+            .cloned()
+            .collect();
+        // Lines of earlier windows are not needed any more (live transcripts are endless).
+        self.transcript.retain(|l| l.0 >= t1);
+        let frames = std::mem::take(&mut self.clip_frames);
+        if frames.is_empty() && lines.is_empty() {
+            return None;
+        }
+        let budget = self.summary_budget();
+        let windows = summary::plan(&frames, &lines, t1, &budget);
+        self.start_summary(t0, windows, self.rolling_summary.clone())
+    }
+
+    fn summary_budget(&self) -> summary::WindowBudget {
+        summary::WindowBudget {
+            context_tokens: self.env.context,
+            answer_tokens: SUMMARY_TOKENS,
+            frame_tokens: VIDEO_FRAME_TOKENS + summary::FRAME_TEXT_TOKENS,
+            prompt_tokens: summary::prompt_tokens(&self.env.prompts.summarize),
+            max_seconds: self.env.captions.summary_window_seconds,
+        }
+    }
+
+    fn start_summary(
+        &mut self,
+        t0: f64,
+        windows: Vec<summary::SummaryWindow>,
+        previous: Option<String>,
+    ) -> Option<Job> {
+        self.summary_total = windows.len();
+        self.summary_inputs = windows
+            .iter()
+            .fold((0, 0), |(f, l), w| (f + w.frames.len(), l + w.lines.len()));
+        self.summary_windows = windows.into();
+        self.summary_t0 = t0;
+        let job = self.next_summary_job(previous.as_deref());
+        self.summary_busy = job.is_some();
+        job
     }
 
     fn caption_job(&self, w: AudioWindow, captured: Instant) -> Job {
@@ -508,22 +687,40 @@ impl SourceTask {
                 .map(|f| f.t + summary::SUMMARY_FRAME_SECONDS)
                 .unwrap_or(0.0),
         );
-        let budget = summary::WindowBudget {
-            context_tokens: self.env.context,
-            answer_tokens: SUMMARY_TOKENS,
-            frame_tokens: VIDEO_FRAME_TOKENS + summary::FRAME_TEXT_TOKENS,
-            prompt_tokens: summary::prompt_tokens(&self.env.prompts.summarize),
-            max_seconds: self.env.captions.summary_window_seconds,
-        };
-        let windows = summary::plan(&self.clip_frames, &self.transcript, end, &budget);
+        if self.live {
+            // The rest of a live source's last rolling window.
+            let t0 = self.rolling_t0;
+            let lines: Vec<_> = self
+                .transcript
+                .iter()
+                .filter(|l| l.0 >= t0)
+                .cloned()
+                .collect();
+            let frames = std::mem::take(&mut self.clip_frames);
+            if self.summary_busy || (frames.is_empty() && lines.is_empty()) {
+                return None;
+            }
+            let windows = summary::plan(&frames, &lines, end.max(t0), &self.summary_budget());
+            return self.start_summary(t0, windows, self.rolling_summary.clone());
+        }
+        let windows = summary::plan(
+            &self.clip_frames,
+            &self.transcript,
+            end,
+            &self.summary_budget(),
+        );
         // The frames now live in the windows only.
         self.clip_frames = Vec::new();
-        self.summary_total = windows.len();
-        self.summary_inputs = windows
-            .iter()
-            .fold((0, 0), |(f, l), w| (f + w.frames.len(), l + w.lines.len()));
-        self.summary_windows = windows.into();
-        self.next_summary_job(None)
+        self.start_summary(0.0, windows, None)
+    }
+
+    /// A removed source: what it holds for a summary is let go at once.
+    pub fn release(&mut self) {
+        self.clip_frames = Vec::new();
+        self.summary_windows.clear();
+        self.transcript = Vec::new();
+        self.window = Vec::new();
+        self.recent_audio.clear();
     }
 
     fn next_summary_job(&mut self, previous: Option<&str>) -> Option<Job> {
@@ -536,13 +733,33 @@ impl SourceTask {
         j.max_tokens = SUMMARY_TOKENS;
         j.soft_tokens = VIDEO_FRAME_TOKENS;
         tracing::info!(source = %self.name, window = k, of = n, t0 = w.t0, t1 = w.t1, frames = w.frames.len(), lines = w.lines.len(), prompt = %j.prompt, "Summary window.");
-        j.video = w.frames;
+        // Decoded only now: one window's frames are in memory as RGB at a time.
+        let mut video = Vec::with_capacity(w.frames.len());
+        for f in &w.frames {
+            match f.load() {
+                Ok(v) => video.push(Arc::new(v)),
+                Err(e) => {
+                    tracing::error!(source = %self.name, error = %e, "A kept frame cannot be read; the summary goes on without it.");
+                    self.recording_lost(e);
+                }
+            }
+        }
+        j.video = video;
         Some(j)
     }
 
     /// Jobs that will not run (superseded, unavailable...) are counted here.
-    pub fn on_skipped(&self, job: &Job, reason: SkipReason) {
+    pub fn on_skipped(&mut self, job: &Job, reason: SkipReason) {
         self.skip(reason);
+        self.summary_chain_broken(job);
+        if matches!(job.class, JobClass::FinalAudio | JobClass::Text) {
+            self.recording_lost(format!(
+                "{} request for {:.1}-{:.1} s not answered ({reason})",
+                job.task.as_str(),
+                job.t,
+                job.end
+            ));
+        }
         if job.class == JobClass::FinalAudio && !reason.model_absent() {
             self.feed.gap(
                 job.t,
@@ -555,6 +772,15 @@ impl SourceTask {
     /// A failed request (encoding or model error).
     pub fn on_error(&mut self, job: &Job, message: &str) {
         self.count_error(job);
+        self.summary_chain_broken(job);
+        if matches!(job.class, JobClass::FinalAudio | JobClass::Text) {
+            self.recording_lost(format!(
+                "{} request for {:.1}-{:.1} s failed: model: {message}",
+                job.task.as_str(),
+                job.t,
+                job.end
+            ));
+        }
         self.feed.emit(
             job.t,
             Some(job.end),
@@ -563,6 +789,15 @@ impl SourceTask {
                 raw: None,
             },
         );
+    }
+
+    /// A summary window that will not be answered ends its summary: the next (live) window
+    /// starts a new one.
+    fn summary_chain_broken(&mut self, job: &Job) {
+        if job.class == JobClass::Text && job.task == TaskKind::Summarize {
+            self.summary_windows.clear();
+            self.summary_busy = false;
+        }
     }
 
     fn count_error(&self, job: &Job) {
@@ -631,8 +866,12 @@ impl SourceTask {
             TaskKind::Transcribe | TaskKind::Summarize if job.class == JobClass::Text => {
                 if self.summary_windows.is_empty() {
                     let (frames, lines) = self.summary_inputs;
+                    self.summary_busy = false;
+                    if self.live {
+                        self.rolling_summary = Some(text.clone());
+                    }
                     self.feed.emit(
-                        0.0,
+                        self.summary_t0,
                         Some(job.end),
                         Body::TextSummary {
                             text,
@@ -655,9 +894,7 @@ impl SourceTask {
                         .emit(job.t, Some(job.end), Body::Transcript { text });
                 }
                 if job.class == JobClass::FinalAudio {
-                    if let Some(cp) = &self.env.checkpoint {
-                        cp(job.end, self.feed.events.position());
-                    }
+                    self.commit(job.end);
                 }
                 None
             }
@@ -762,12 +999,11 @@ impl SourceTask {
             return None;
         }
         let dir = PathBuf::from(&self.env.alerts.snapshot_dir).join(&self.name);
-        let path = dir.join(format!("{:010.3}.jpg", f.t));
         let jpeg = f.jpeg()?;
-        match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, jpeg)) {
-            Ok(()) => Some(path.display().to_string()),
+        match std::fs::create_dir_all(&dir).and_then(|()| snapshot::write_new(&dir, f.t, &jpeg)) {
+            Ok(path) => Some(path.display().to_string()),
             Err(e) => {
-                tracing::warn!(source = %self.name, error = %e, path = %path.display(), "Cannot write the alert snapshot.");
+                tracing::warn!(source = %self.name, error = %e, dir = %dir.display(), "Cannot write the alert snapshot.");
                 None
             }
         }
@@ -812,6 +1048,7 @@ impl SourceTask {
                     Ok(f) => self.transcript_files = Some(f),
                     Err(e) => {
                         tracing::error!(path = %vtt.display(), error = %e, "Cannot write the transcript.");
+                        self.recording_lost(e.to_string());
                         return;
                     }
                 }
@@ -820,6 +1057,7 @@ impl SourceTask {
         if let Some(f) = &mut self.transcript_files {
             if let Err(e) = f.append(t, end, text) {
                 tracing::error!(source = %self.name, error = %e, "Cannot append to the transcript.");
+                self.recording_lost(e.to_string());
             }
         }
     }
@@ -833,7 +1071,9 @@ impl SourceTask {
             let srt = dir.join(format!("{}.srt", self.name));
             let made = std::fs::create_dir_all(dir)
                 .map_err(|e| e.to_string())
-                .and_then(|()| CaptionFiles::create(&vtt, &srt).map_err(|e| e.to_string()));
+                .and_then(|()| {
+                    CaptionFiles::continue_or_create(&vtt, &srt).map_err(|e| e.to_string())
+                });
             match made {
                 Ok(f) => self.captions = Some(f),
                 Err(e) => {

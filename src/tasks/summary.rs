@@ -7,10 +7,161 @@
 //! summary the model wrote after window k-1; the answer to the last window is the
 //! recording's summary. Windows are requested one after the other, each only once the
 //! previous answer is in.
+//!
+//! Kept frames are small: scaled down to [`KEPT_FRAME_MAX_SIDE`] and JPEG-encoded
+//! ([`KeptFrame`]), in memory or, for `percept analyze`, as files under the recording's
+//! output folder (`frames/<media ms>.jpg`), so a resumed analysis still has the frames of
+//! the first run. A window's frames are decoded only when its request is made.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::ingest::VideoFrame;
+use crate::preprocess::image::{decode_rgb, resize_bicubic, RgbImage};
+
+/// Longest side of a kept frame, pixels: above what the model's video frames use (70 soft
+/// tokens are about 535x300 for 16:9), so scaling down loses nothing the model would see.
+pub const KEPT_FRAME_MAX_SIDE: usize = 640;
+/// JPEG quality of kept frames.
+const KEPT_FRAME_QUALITY: u8 = 90;
+
+/// A frame kept for a summary: its media time and a small JPEG.
+#[derive(Debug, Clone)]
+pub struct KeptFrame {
+    pub t: f64,
+    jpeg: Kept,
+}
+
+#[derive(Debug, Clone)]
+enum Kept {
+    Memory(Arc<Vec<u8>>),
+    File(PathBuf),
+}
+
+impl KeptFrame {
+    /// Scales `frame` down, encodes it and, with `dir`, writes it there (not synced: see
+    /// [`sync_kept`]). A memory-only kept frame when `dir` is `None`.
+    pub fn keep(frame: &VideoFrame, dir: Option<&Path>) -> Result<KeptFrame, String> {
+        let (w, h) = (frame.width as usize, frame.height as usize);
+        if w == 0 || h == 0 || frame.rgb.len() != w * h * 3 {
+            return Err(format!("frame at {:.3} s: bad size {w}x{h}", frame.t));
+        }
+        let scale = KEPT_FRAME_MAX_SIDE as f64 / w.max(h) as f64;
+        let img = RgbImage::new(w, h, frame.rgb.clone());
+        let img = if scale < 1.0 {
+            let nw = ((w as f64 * scale).round() as usize).max(1);
+            let nh = ((h as f64 * scale).round() as usize).max(1);
+            resize_bicubic(&img, nw, nh)
+        } else {
+            img
+        };
+        let mut jpeg = Vec::new();
+        {
+            use image::ImageEncoder;
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, KEPT_FRAME_QUALITY)
+                .write_image(
+                    &img.data,
+                    img.width as u32,
+                    img.height as u32,
+                    image::ExtendedColorType::Rgb8,
+                )
+                .map_err(|e| format!("frame at {:.3} s: {e}", frame.t))?;
+        }
+        let Some(dir) = dir else {
+            return Ok(KeptFrame {
+                t: frame.t,
+                jpeg: Kept::Memory(Arc::new(jpeg)),
+            });
+        };
+        let path = dir.join(kept_name(frame.t));
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&path, &jpeg))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(KeptFrame {
+            t: frame.t,
+            jpeg: Kept::File(path),
+        })
+    }
+
+    /// The frame, decoded (for the window's request).
+    pub fn load(&self) -> Result<VideoFrame, String> {
+        let bytes = match &self.jpeg {
+            Kept::Memory(b) => Arc::clone(b),
+            Kept::File(p) => {
+                Arc::new(std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?)
+            }
+        };
+        let img = decode_rgb(&bytes).map_err(|e| format!("frame at {:.3} s: {e}", self.t))?;
+        Ok(VideoFrame {
+            t: self.t,
+            width: img.width as u32,
+            height: img.height as u32,
+            rgb: img.data,
+            captured: Instant::now(),
+        })
+    }
+
+    /// The file this frame is in, if it is in one.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.jpeg {
+            Kept::File(p) => Some(p),
+            Kept::Memory(_) => None,
+        }
+    }
+
+    /// Bytes this frame holds in memory.
+    pub fn memory_bytes(&self) -> usize {
+        match &self.jpeg {
+            Kept::Memory(b) => b.len(),
+            Kept::File(_) => 0,
+        }
+    }
+}
+
+/// `<media milliseconds, 12 digits>.jpg`: sorts by time, and the time reads back exactly.
+fn kept_name(t: f64) -> String {
+    format!("{:012}.jpg", (t.max(0.0) * 1000.0).round() as u64)
+}
+
+/// The frames an earlier run kept in `dir`, in time order (none if there is no folder).
+pub fn kept_in(dir: &Path) -> Vec<KeptFrame> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<KeptFrame> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let ms: u64 = name.strip_suffix(".jpg")?.parse().ok()?;
+            Some(KeptFrame {
+                t: ms as f64 / 1000.0,
+                jpeg: Kept::File(e.path()),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.t.total_cmp(&b.t));
+    out
+}
+
+/// The kept frame files in `paths` and their folder, on disk (before a checkpoint that
+/// vouches for them).
+pub fn sync_kept(paths: &[PathBuf]) -> std::io::Result<()> {
+    for p in paths {
+        std::fs::File::open(p)?.sync_data()?;
+    }
+    if let Some(dir) = paths.first().and_then(|p| p.parent()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Is a frame at `t` kept, the last kept one being at `last`? One per
+/// [`SUMMARY_FRAME_SECONDS`] of media: the first frame, then each one at least that long
+/// after the last kept one. A resumed analysis replays this rule over the `frame` events.
+pub fn frame_due(last: Option<f64>, t: f64) -> bool {
+    last.is_none_or(|l| t - l >= SUMMARY_FRAME_SECONDS - 1e-6)
+}
 
 /// Spacing of the frames kept for the summary (1 fps, the seed's demonstration rate).
 pub const SUMMARY_FRAME_SECONDS: f64 = 1.0;
@@ -58,7 +209,7 @@ impl WindowBudget {
 pub struct SummaryWindow {
     pub t0: f64,
     pub t1: f64,
-    pub frames: Vec<Arc<VideoFrame>>,
+    pub frames: Vec<KeptFrame>,
     /// Transcript lines `(t, text)`.
     pub lines: Vec<(f64, String)>,
 }
@@ -69,7 +220,7 @@ pub fn text_tokens(s: &str) -> usize {
 }
 
 enum Item {
-    Frame(Arc<VideoFrame>),
+    Frame(KeptFrame),
     Line(f64, String),
 }
 
@@ -86,14 +237,14 @@ impl Item {
 /// order, each within `budget`. Windows without anything in them are not made (a silent,
 /// still stretch extends the next window back to the previous one's end).
 pub fn plan(
-    frames: &[Arc<VideoFrame>],
+    frames: &[KeptFrame],
     transcript: &[(f64, f64, String)],
     end: f64,
     budget: &WindowBudget,
 ) -> Vec<SummaryWindow> {
     let mut items: Vec<Item> = frames
         .iter()
-        .map(|f| Item::Frame(Arc::clone(f)))
+        .map(|f| Item::Frame(f.clone()))
         .chain(transcript.iter().map(|(t, _, s)| Item::Line(*t, s.clone())))
         .collect();
     // Stable: at equal times frames come before the words spoken over them.
@@ -186,14 +337,50 @@ pub fn window_prompt(
 mod tests {
     use super::*;
 
-    fn frame(t: f64) -> Arc<VideoFrame> {
-        Arc::new(VideoFrame {
-            t,
-            width: 2,
-            height: 2,
-            rgb: vec![0; 12],
+    fn frame(t: f64) -> KeptFrame {
+        KeptFrame::keep(
+            &VideoFrame {
+                t,
+                width: 2,
+                height: 2,
+                rgb: vec![0; 12],
+                captured: std::time::Instant::now(),
+            },
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn kept_frames_are_small_and_come_back_from_disk() {
+        let d = std::env::temp_dir().join(format!("percept-kept-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        // A 1280x720 gradient: 2.7 MB of RGB.
+        let (w, h) = (1280usize, 720usize);
+        let rgb: Vec<u8> = (0..w * h * 3)
+            .map(|i| ((i / 3) % w * 255 / w) as u8)
+            .collect();
+        let f = VideoFrame {
+            t: 12.5,
+            width: w as u32,
+            height: h as u32,
+            rgb,
             captured: std::time::Instant::now(),
-        })
+        };
+        let k = KeptFrame::keep(&f, Some(&d)).unwrap();
+        assert_eq!(k.memory_bytes(), 0);
+        let on_disk = std::fs::metadata(k.path().unwrap()).unwrap().len();
+        assert!(on_disk < 60_000, "{on_disk} bytes");
+        let again = kept_in(&d);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].t, 12.5);
+        let back = again[0].load().unwrap();
+        assert_eq!((back.width, back.height), (640, 360));
+        // The gradient survives: left dark, right bright.
+        assert!(back.rgb[0] < 10 && back.rgb[(639) * 3] > 240);
+        sync_kept(&[k.path().unwrap().to_path_buf()]).unwrap();
+        assert!(frame_due(None, 0.0) && frame_due(Some(1.0), 2.0) && !frame_due(Some(1.0), 1.5));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -29,7 +29,6 @@ pub fn env() -> TaskEnv {
         max_tokens: 8,
         context: 4096,
         live_board: Arc::new(LiveBoard::default()),
-        webhooks: None,
         caption_dir: None,
         transcript_files: None,
         board: None,

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Four spoken sentences with 1.5 s pauses (about 21 s).
-fn recording(d: &Path) -> PathBuf {
+pub(crate) fn recording(d: &Path) -> PathBuf {
     let mut inputs = Vec::new();
     let pause = d.join("pause.wav");
     ffmpeg(&format!(
@@ -52,7 +52,7 @@ fn recording(d: &Path) -> PathBuf {
     rec
 }
 
-fn config(d: &Path, name: &str, delay_ms: u64) -> PathBuf {
+pub(crate) fn config(d: &Path, name: &str, delay_ms: u64) -> PathBuf {
     let p = d.join(name);
     std::fs::write(
         &p,
@@ -76,7 +76,7 @@ fn analyze(args: &[&str]) -> std::process::Output {
 
 /// What the user keeps: analysis events with their times and text (lifecycle and drop
 /// reports differ between one run and two by nature).
-fn content(dir: &Path) -> Vec<String> {
+pub(crate) fn content(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = read_events(&dir.join("events.jsonl"))
         .into_iter()
         .filter(|e| {

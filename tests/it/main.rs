@@ -8,6 +8,8 @@ mod bad_input;
 mod common;
 mod config_files;
 mod control_api;
+mod durable;
+mod faults;
 mod files;
 mod http_surfaces;
 mod live;
