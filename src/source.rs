@@ -246,9 +246,9 @@ pub fn redact_text(text: &str) -> String {
     out
 }
 
-/// Percent-decoding of URL userinfo. Unlike form decoding, `+` stays a plus sign: RTSP
-/// passwords such as `a+b` must reach the camera as typed.
-fn percent_decode(s: &str) -> String {
+/// Percent-decoding of URL userinfo (and of `?token=`). Unlike form decoding, `+` stays a
+/// plus sign: RTSP passwords such as `a+b`, and base64 tokens, must arrive as typed.
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -193,10 +193,13 @@ fn split_host(host: &str) -> Option<(&str, u16)> {
     }
 }
 
+/// `token` from a query string. `+` stays a plus: base64 tokens (`openssl rand -base64`)
+/// pasted into a URL hold `+`, `/` and `=` as typed.
 fn query_token(query: Option<&str>) -> Option<String> {
-    url::form_urlencoded::parse(query?.as_bytes())
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v.into_owned())
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .map(crate::source::percent_decode)
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -475,6 +478,16 @@ mod tests {
         assert!(!g.origin_ok("http://evil.example", "127.0.0.1:9464"));
         assert!(!g.origin_ok("null", "127.0.0.1:9464"));
         assert!(!g.origin_ok("http://localhost:9464", "127.0.0.1:9464"));
+    }
+
+    #[test]
+    fn query_tokens_keep_plus_signs() {
+        assert_eq!(
+            query_token(Some("kind=alert&token=ab+c/d%3D=")).as_deref(),
+            Some("ab+c/d==")
+        );
+        assert_eq!(query_token(Some("kind=alert")), None);
+        assert_eq!(query_token(None), None);
     }
 
     #[test]

@@ -218,7 +218,18 @@ fn ws(r: &Running, path: &str, extra: &[(&str, &str)]) -> (Reply, TcpStream) {
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mut body = String::new();
     if status != 101 {
-        let _ = reader.read_to_string(&mut body);
+        // The connection stays open (no `Connection: close`): read just the body.
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            })
+            .unwrap_or(0);
+        let mut raw = vec![0; length];
+        reader.read_exact(&mut raw).unwrap();
+        body = String::from_utf8(raw).unwrap();
     }
     (
         Reply {
@@ -345,7 +356,8 @@ fn foreign_host_headers_are_403_on_every_route() {
 
 #[test]
 fn token_is_required_everywhere_but_healthz() {
-    let token = "t0k3n-for-tests";
+    // base64-style: `+`, `/` and `=` are pasted into URLs as they are.
+    let token = "t0k3n+for/tests=";
     let r = start(with_token(token));
     let bearer = format!("Bearer {token}");
     assert_eq!(get(&r, "/healthz", &[]).status, 200);
@@ -367,7 +379,7 @@ fn token_is_required_everywhere_but_healthz() {
             reply.headers
         );
         assert!(!reply.body.contains(token));
-        let wrong = get(&r, path, &[("Authorization", "Bearer t0k3n-for-testz")]);
+        let wrong = get(&r, path, &[("Authorization", "Bearer t0k3n+for/testz=")]);
         assert_eq!(wrong.status, 401, "{path}");
     }
     let (reply, _) = ws(&r, "/v1/ws", &[]);
