@@ -335,8 +335,10 @@ fn percept_run_publishes_model_events() {
         format!(
             "[model]\nid = \"{}\"\nmax_tokens = 4\n\
              [governor]\nsoft_tokens = 70\nheartbeat_seconds = 1.0\n\
-             [mqtt]\nenabled = true\nport = {port}\nkinds = [\"description\", \"summary\"]\n",
-            crate::common::fixture_model()
+             [mqtt]\nenabled = true\nport = {port}\nkinds = [\"description\", \"summary\"]\n\
+             [outbox]\ndir = \"{}\"\n",
+            crate::common::fixture_model(),
+            d.join("outbox").display()
         ),
     )
     .unwrap();
