@@ -1,8 +1,7 @@
-//! The durable outbox: what MQTT and webhooks must still deliver, one file per record in one
-//! folder per destination (`<dir>/mqtt`, `<dir>/webhook-<hash of the URL>`).
+//! The durable outbox: what MQTT and webhooks must still deliver, in one folder per
+//! destination (`<dir>/mqtt`, `<dir>/webhook-<hash of the URL>`) of append-only segments.
 //!
-//! A record is written (to a `.tmp` name, then renamed) before the event reaches the events
-//! file, and removed only once its destination acknowledged it (MQTT PUBACK, HTTP 2xx). So a
+//! A record is appended before the event reaches the events file, and removed only once its destination acknowledged it (MQTT PUBACK, HTTP 2xx). So a
 //! crash, a SIGKILL or an unreachable receiver costs nothing: at the next start the folder is
 //! read back and delivery resumes with the oldest record. A record delivered just before a
 //! crash may be delivered again: consumers drop duplicates by the event `id`.
@@ -26,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 /// Default `[outbox] max_mib`.
 pub const DEFAULT_MAX_MIB: u64 = 256;
-const SUFFIX: &str = ".rec";
+const SUFFIX: &str = ".log";
 
 /// `[outbox]`: where undelivered MQTT messages and webhook alerts wait, and how much of the
 /// disk they may take.
@@ -115,12 +114,36 @@ pub fn metrics(registry: Option<&prometheus::Registry>) -> &'static OutboxMetric
     m
 }
 
+/// Bytes of a segment before the next record starts a new one.
+const SEGMENT_BYTES: u64 = 4 << 20;
+/// Record framing: u32 length, u64 seq (little endian), then the bytes.
+const HEADER: usize = 12;
+
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    segment: u64,
+    offset: u64,
+    len: u64,
+}
+
 #[derive(Debug, Default)]
+struct Segment {
+    /// Records of this segment still to deliver.
+    live: u64,
+    /// The done journal (acknowledged or dropped seqs), opened on first use.
+    done: Option<std::fs::File>,
+}
+
+#[derive(Default)]
 struct State {
     next_seq: u64,
-    /// seq -> bytes of every record on disk.
-    index: BTreeMap<u64, u64>,
+    /// seq -> where every undelivered record is.
+    index: BTreeMap<u64, Loc>,
     bytes: u64,
+    /// By id (the first seq written to it).
+    segments: BTreeMap<u64, Segment>,
+    /// The segment appended to: (id, file, its length).
+    current: Option<(u64, std::fs::File, u64)>,
 }
 
 struct Inner {
@@ -135,38 +158,83 @@ struct Inner {
 
 /// One destination's queue on disk. Cheap to clone; any thread may push, one deliverer reads
 /// and acknowledges.
+///
+/// Storage: append-only segments `<first seq>.log` of framed records, each with a journal
+/// `<first seq>.done` of the seqs delivered (or dropped); a segment and its journal are
+/// deleted once none of its records is left. Appending costs a `write` (no file created per
+/// record); a record cut short by a crash ends its segment's readable part.
 #[derive(Clone)]
 pub struct Outbox {
     inner: Arc<Inner>,
 }
 
+fn read_u64s(path: &Path) -> std::collections::HashSet<u64> {
+    std::fs::read(path)
+        .map(|b| {
+            b.chunks_exact(8)
+                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 impl Outbox {
-    /// Opens (creating) `dir`, takes in the records a previous run left, and removes
-    /// half-written ones.
+    /// Opens (creating) `dir` and takes in the records a previous run left undelivered.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Outbox> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+        let ctx = |what: &str, e: io::Error| {
+            io::Error::new(e.kind(), format!("{what} {}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(dir).map_err(|e| ctx("creating", e))?;
+        let mut ids: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(|e| ctx("reading", e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .strip_suffix(SUFFIX)
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .collect();
+        ids.sort_unstable();
         let mut st = State::default();
-        let rd = std::fs::read_dir(dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", dir.display())))?;
-        for entry in rd {
-            let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(entry.path());
-                continue;
+        for id in ids {
+            let log = dir.join(format!("{id:020}{SUFFIX}"));
+            let done_path = log.with_extension("done");
+            let data = std::fs::read(&log).map_err(|e| ctx("reading", e))?;
+            let done = read_u64s(&done_path);
+            let mut seg = Segment::default();
+            let mut off = 0usize;
+            while off + HEADER <= data.len() {
+                let len =
+                    u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]])
+                        as usize;
+                let mut s8 = [0u8; 8];
+                s8.copy_from_slice(&data[off + 4..off + HEADER]);
+                let seq = u64::from_le_bytes(s8);
+                if off + HEADER + len > data.len() {
+                    break; // cut short by a crash
+                }
+                st.next_seq = st.next_seq.max(seq + 1);
+                if !done.contains(&seq) {
+                    st.index.insert(
+                        seq,
+                        Loc {
+                            segment: id,
+                            offset: (off + HEADER) as u64,
+                            len: len as u64,
+                        },
+                    );
+                    st.bytes += len as u64;
+                    seg.live += 1;
+                }
+                off += HEADER + len;
             }
-            let Some(seq) = name
-                .strip_suffix(SUFFIX)
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            let len = entry.metadata()?.len();
-            st.index.insert(seq, len);
-            st.bytes += len;
-            st.next_seq = st.next_seq.max(seq + 1);
+            if seg.live == 0 {
+                let _ = std::fs::remove_file(&log);
+                let _ = std::fs::remove_file(&done_path);
+            } else {
+                st.segments.insert(id, seg);
+            }
         }
         st.next_seq = st.next_seq.max(1);
         let name = dir
@@ -196,8 +264,8 @@ impl Outbox {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn path(&self, seq: u64) -> PathBuf {
-        self.inner.dir.join(format!("{seq:020}{SUFFIX}"))
+    fn path(&self, segment: u64) -> PathBuf {
+        self.inner.dir.join(format!("{segment:020}{SUFFIX}"))
     }
 
     fn publish_gauges(&self, st: &State) {
@@ -217,31 +285,69 @@ impl Outbox {
 
     /// Appends a record; when the outbox is over its size the oldest records go (counted).
     pub fn push(&self, record: &[u8]) -> io::Result<u64> {
+        let len = u32::try_from(record.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "outbox record too large"))?;
         let mut st = self.lock();
         let seq = st.next_seq;
-        st.next_seq += 1;
-        let path = self.path(seq);
-        let tmp = path.with_extension("tmp");
-        let written = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(record))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
+        let full = st
+            .current
+            .as_ref()
+            .is_none_or(|(_, _, size)| *size >= SEGMENT_BYTES.min(self.inner.max_bytes / 4 + 1));
+        if full {
+            let path = self.path(seq);
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("writing {}: {e}", path.display()))
+                })?;
+            if let Some((old, _, _)) = st.current.take() {
+                // A finished segment with nothing left to deliver goes now.
+                if st.segments.get(&old).is_some_and(|s| s.live == 0) {
+                    self.delete_segment(&mut st, old);
+                }
+            }
+            st.segments.insert(seq, Segment::default());
+            st.current = Some((seq, f, 0));
+        }
+        let mut frame = Vec::with_capacity(HEADER + record.len());
+        frame.extend_from_slice(&len.to_le_bytes());
+        frame.extend_from_slice(&seq.to_le_bytes());
+        frame.extend_from_slice(record);
+        let Some((segment, file, size)) = st.current.as_mut() else {
+            return Err(io::Error::other("no outbox segment"));
+        };
+        let segment = *segment;
+        let offset = *size + HEADER as u64;
+        if let Err(e) = file.write_all(&frame) {
+            // A partial frame would hide everything after it: start a new segment.
+            st.current = None;
             return Err(io::Error::new(
                 e.kind(),
-                format!("writing {}: {e}", path.display()),
+                format!("writing {}: {e}", self.path(segment).display()),
             ));
         }
-        let len = record.len() as u64;
-        st.index.insert(seq, len);
-        st.bytes += len;
+        *size += frame.len() as u64;
+        st.next_seq += 1;
+        st.index.insert(
+            seq,
+            Loc {
+                segment,
+                offset,
+                len: u64::from(len),
+            },
+        );
+        st.bytes += u64::from(len);
+        if let Some(s) = st.segments.get_mut(&segment) {
+            s.live += 1;
+        }
         let mut dropped = 0u64;
         while st.bytes > self.inner.max_bytes && st.index.len() > 1 {
-            let Some((old, old_len)) = st.index.pop_first() else {
+            let Some((&old, _)) = st.index.iter().next() else {
                 break;
             };
-            st.bytes -= old_len;
-            let _ = std::fs::remove_file(self.path(old));
+            self.finish(&mut st, old);
             dropped += 1;
         }
         if dropped > 0 {
@@ -260,6 +366,44 @@ impl Outbox {
         Ok(seq)
     }
 
+    fn delete_segment(&self, st: &mut State, id: u64) {
+        st.segments.remove(&id);
+        let log = self.path(id);
+        let _ = std::fs::remove_file(log.with_extension("done"));
+        let _ = std::fs::remove_file(log);
+    }
+
+    /// The record is done with (delivered or dropped): out of the index, into its segment's
+    /// journal, and its segment deleted when nothing of it is left.
+    fn finish(&self, st: &mut State, seq: u64) -> bool {
+        let Some(loc) = st.index.remove(&seq) else {
+            return false;
+        };
+        st.bytes -= loc.len;
+        let current = st.current.as_ref().map(|(id, _, _)| *id);
+        let Some(seg) = st.segments.get_mut(&loc.segment) else {
+            return true;
+        };
+        seg.live = seg.live.saturating_sub(1);
+        if seg.live == 0 && current != Some(loc.segment) {
+            self.delete_segment(st, loc.segment);
+            return true;
+        }
+        if seg.done.is_none() {
+            let path = self.path(loc.segment).with_extension("done");
+            seg.done = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok();
+        }
+        if let Some(f) = seg.done.as_mut() {
+            // Lost on a crash only means the record is sent again.
+            let _ = f.write_all(&seq.to_le_bytes());
+        }
+        true
+    }
+
     /// The oldest record after `after` (all when None): its seq.
     pub fn next_after(&self, after: Option<u64>) -> Option<u64> {
         let st = self.lock();
@@ -271,33 +415,32 @@ impl Outbox {
 
     /// A record's bytes; None when it is gone (dropped for room, or acknowledged).
     pub fn read(&self, seq: u64) -> Option<Vec<u8>> {
-        if !self.lock().index.contains_key(&seq) {
-            return None;
-        }
-        match std::fs::read(self.path(seq)) {
+        let loc = *self.lock().index.get(&seq)?;
+        let got = (|| {
+            use std::io::{Read, Seek};
+            let mut f = std::fs::File::open(self.path(loc.segment))?;
+            f.seek(io::SeekFrom::Start(loc.offset))?;
+            let mut buf = vec![0u8; loc.len as usize];
+            f.read_exact(&mut buf)?;
+            Ok::<_, io::Error>(buf)
+        })();
+        match got {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::warn!(destination = %self.inner.name, seq, error = %e, "Outbox: record unreadable; skipped.");
-                self.remove(seq);
+                let mut st = self.lock();
+                self.finish(&mut st, seq);
+                self.publish_gauges(&st);
                 None
             }
         }
     }
 
-    fn remove(&self, seq: u64) -> bool {
-        let mut st = self.lock();
-        let Some(len) = st.index.remove(&seq) else {
-            return false;
-        };
-        st.bytes -= len;
-        let _ = std::fs::remove_file(self.path(seq));
-        self.publish_gauges(&st);
-        true
-    }
-
     /// The destination has the record: it is removed for good.
     pub fn ack(&self, seq: u64) {
-        if self.remove(seq) {
+        let mut st = self.lock();
+        if self.finish(&mut st, seq) {
+            self.publish_gauges(&st);
             metrics(None)
                 .delivered
                 .with_label_values(&[&self.inner.name])
@@ -356,9 +499,17 @@ mod tests {
         let a = ob.push(b"one").unwrap();
         let b = ob.push(b"two").unwrap();
         ob.ack(a);
-        // A half-written record of a killed process is not taken for a record.
-        std::fs::write(d.join("00000000000000000009.tmp"), b"half").unwrap();
         drop(ob);
+        // A record half-written by a killed process is not taken for a record.
+        let seg = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "log"))
+            .unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[200, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, b'h'])
+            .unwrap();
+        drop(f);
         let ob = Outbox::open(&d, 1 << 20).unwrap();
         assert_eq!(ob.len(), 1);
         assert_eq!(ob.next_after(None), Some(b));
@@ -367,7 +518,12 @@ mod tests {
         // New records continue after the old ones.
         let c = ob.push(b"three").unwrap();
         assert!(c > b);
-        assert!(!d.join("00000000000000000009.tmp").exists());
+        ob.ack(b);
+        ob.ack(c);
+        drop(ob);
+        // Everything delivered: nothing comes back, and the old segment is gone.
+        assert!(Outbox::open(&d, 1 << 20).unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -382,7 +538,12 @@ mod tests {
         assert_eq!(ob.dropped(), 1);
         assert!(ob.read(first).is_none());
         assert_eq!(ob.read(ob.next_after(None).unwrap()).unwrap(), [b'y'; 40]);
+        // The dropped record's segment is deleted from the disk.
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 2);
+        drop(ob);
+        let ob = Outbox::open(&d, 100).unwrap();
+        assert_eq!(ob.len(), 2);
+        assert_eq!(ob.read(ob.next_after(None).unwrap()).unwrap(), [b'y'; 40]);
         let registry = prometheus::Registry::new();
         metrics(Some(&registry));
         let mut text = Vec::new();

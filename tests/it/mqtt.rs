@@ -335,8 +335,10 @@ fn percept_run_publishes_model_events() {
         format!(
             "[model]\nid = \"{}\"\nmax_tokens = 4\n\
              [governor]\nsoft_tokens = 70\nheartbeat_seconds = 1.0\n\
-             [mqtt]\nenabled = true\nport = {port}\nkinds = [\"description\", \"summary\"]\n",
-            crate::common::fixture_model()
+             [mqtt]\nenabled = true\nport = {port}\nkinds = [\"description\", \"summary\"]\n\
+             [outbox]\ndir = \"{}\"\n",
+            crate::common::fixture_model(),
+            d.join("outbox").display()
         ),
     )
     .unwrap();
@@ -572,9 +574,9 @@ fn broker_down_and_sigkill_lose_no_event() {
     for (i, e) in ev1.iter().enumerate() {
         assert_eq!(e["id"], format!("{run}-cam-{}", i + 1), "{e}");
     }
-    let pending = std::fs::read_dir(d.join("outbox").join("mqtt"))
+    let pending = Outbox::open(&d.join("outbox").join("mqtt"), 1 << 30)
         .unwrap()
-        .count();
+        .len();
     assert!(
         pending >= first.len(),
         "{pending} records for {} frames",
@@ -631,12 +633,9 @@ fn broker_down_and_sigkill_lose_no_event() {
         second[0].rsplitn(3, '-').nth(2)
     );
     // Everything was acknowledged: the outbox is empty again.
-    assert_eq!(
-        std::fs::read_dir(d.join("outbox").join("mqtt"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert!(Outbox::open(&d.join("outbox").join("mqtt"), 1 << 30)
+        .unwrap()
+        .is_empty());
     let _ = sub.disconnect();
 }
 
