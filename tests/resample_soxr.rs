@@ -205,7 +205,7 @@ fn resampling_speed_is_printed() {
 fn stereo_44k_wav_answers_like_the_soxr_resampled_audio() {
     use percept::model::generate::{Request, Sampling};
     use percept::model::media::TowerEncoder;
-    use percept::model::multimodal::{MediaEncoder, SoftTokens};
+    use percept::model::multimodal::SoftTokens;
     use percept::model::testing::{temp_model_dir, write_tiny_checkpoint, TinySpec};
     use percept::model::text::LoadOptions;
     use percept::model::Gemma4;
