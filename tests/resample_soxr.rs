@@ -197,3 +197,59 @@ fn resampling_speed_is_printed() {
         );
     }
 }
+
+/// End to end on the 12B architecture (tiny weights): the 44.1 kHz stereo WAV, loaded the way
+/// `percept model run --audio` loads it, gives the same audio soft tokens' greedy answer as
+/// soxr's own 16 kHz output of the same signal (the reference loader's samples).
+#[test]
+fn stereo_44k_wav_answers_like_the_soxr_resampled_audio() {
+    use percept::model::generate::{Request, Sampling};
+    use percept::model::media::TowerEncoder;
+    use percept::model::multimodal::SoftTokens;
+    use percept::model::testing::{temp_model_dir, write_tiny_checkpoint, TinySpec};
+    use percept::model::text::LoadOptions;
+    use percept::model::Gemma4;
+
+    let rate = 44_100;
+    let left = test_signal(rate, rate as usize / 2, 1, 440.0);
+    let right = test_signal(rate, rate as usize / 2, 2, 3000.0);
+    let dir = temp_model_dir("soxr-e2e");
+    std::fs::create_dir_all(&dir).unwrap();
+    let wav = dir.join("stereo44k.wav");
+    write_wav_f32(&wav, rate, &left, &right);
+    let ours = load_mono_16k(&wav).unwrap();
+    let model = write_tiny_checkpoint(&dir.join("model"), &TinySpec::unified()).unwrap();
+    let g = Gemma4::load_dir(&model, &LoadOptions::default()).unwrap();
+    let enc = TowerEncoder::new(70);
+    let answer = |samples: &[f32]| {
+        let audio = enc.encode_samples(&g, samples).unwrap();
+        let n = audio.dim(0).unwrap();
+        let ph = g.placeholders();
+        let mut ids: Vec<u32> = (0..5).map(|i| 282 + i * 3).collect();
+        ids.extend(std::iter::repeat_n(ph.audio, n));
+        ids.extend([300, 301]);
+        let req = Request {
+            input_ids: ids,
+            soft: SoftTokens {
+                audios: vec![audio],
+                ..Default::default()
+            },
+            max_new_tokens: 8,
+            sampling: Sampling::default(),
+        };
+        g.generate(&[req], 8, &mut |_, _| {}).unwrap()[0]
+            .output_ids
+            .clone()
+    };
+    let reference = answer(&fixture("soxr_hq_44100_stereo_mean.f32"));
+    assert_eq!(reference.len(), 8);
+    assert_eq!(answer(&ours), reference);
+    // The answer does depend on the audio: another signal of the same length changes it.
+    let other = resample(
+        &test_signal(rate, rate as usize / 2, 5, 1200.0),
+        rate,
+        16_000,
+    );
+    assert_ne!(answer(&other), reference);
+    std::fs::remove_dir_all(&dir).ok();
+}

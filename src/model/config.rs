@@ -970,8 +970,8 @@ mod tests {
         );
     }
 
-    /// Variants that transformers 5.24 `Gemma4Config.from_dict` accepts (checked with the
-    /// scratch script described in the README's Models section): percept must load them too.
+    /// Variants that transformers 5.24 `Gemma4Config.from_dict` accepts (checked by
+    /// `tests/parity/transformers_config_variants.py`): percept must load them too.
     #[test]
     fn configs_transformers_accepts_load() {
         let legacy = r#""_name_or_path":"google/gemma-4-E2B-it","architectures":null,
