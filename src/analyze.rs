@@ -451,6 +451,7 @@ fn analyze_one(
         })?;
     }
     let windows = write_summary_md(rec, &events, &dir.join("summary.md"))?;
+    crate::report::write(rec, &events, &dir).map_err(io_err(&dir.join("report.html")))?;
     let done = Checkpoint {
         done: true,
         events_bytes: std::fs::metadata(&events).map(|m| m.len()).unwrap_or(0),

@@ -115,6 +115,8 @@ impl LatestFrame {
 pub struct LiveBoard {
     model: Mutex<Option<ModelStatus>>,
     frames: Mutex<HashMap<String, LatestFrame>>,
+    /// The newest sampled frame per source (model or not), for the page.
+    sampled: Mutex<HashMap<String, crate::ingest::latest::LatestSampled>>,
 }
 
 impl LiveBoard {
@@ -172,5 +174,28 @@ impl LiveBoard {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(source);
+        self.sampled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(source);
+    }
+
+    /// Where a source's newest sampled frame can be read (see `Feed::latest`).
+    pub fn track_sampled(&self, source: &str, latest: crate::ingest::latest::LatestSampled) {
+        self.sampled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(source.to_string(), latest);
+    }
+
+    /// The newest sampled frame of a source, None before its first one.
+    pub fn sampled(&self, source: &str) -> Option<crate::ingest::latest::SampledView> {
+        let l = self
+            .sampled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(source)
+            .cloned();
+        l.and_then(|l| l.get())
     }
 }

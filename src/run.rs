@@ -314,6 +314,9 @@ impl Shared {
             self.metrics.clone(),
             self.events.clone(),
         );
+        self.env
+            .live_board
+            .track_sampled(&p.spec.name, feed.latest.clone());
         self.metrics
             .set_state(&p.spec.name, SourceState::Connecting);
         // Every source gets a task while the model is on (task `none` asks nothing) so its

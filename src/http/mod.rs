@@ -4,6 +4,7 @@
 
 mod control;
 mod feed;
+mod history;
 mod page;
 
 use axum::extract::State;
@@ -43,6 +44,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sources/{name}/task", put(control::set_task))
         .route("/v1/sources/{name}/frame.jpg", get(page::frame))
         .route("/v1/reload", post(control::reload))
+        .merge(page::routes(&state))
         .with_state(state)
 }
 

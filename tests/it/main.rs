@@ -5,6 +5,7 @@
 
 mod analyze;
 mod bad_input;
+mod browser;
 mod common;
 mod config_files;
 mod control_api;
@@ -13,4 +14,6 @@ mod http_surfaces;
 mod live;
 mod model_worker;
 mod mqtt;
+mod page;
+mod report;
 mod rtsp;
