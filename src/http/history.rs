@@ -84,8 +84,15 @@ struct Source {
 struct State {
     entries: VecDeque<Entry>,
     sources: HashMap<String, Source>,
-    /// (source, media t) -> JPEG, oldest first.
-    frames: VecDeque<((String, f64), Arc<Vec<u8>>)>,
+    /// Oldest first.
+    frames: VecDeque<KeptFrame>,
+}
+
+/// The frame behind an answer: source, media time, JPEG.
+struct KeptFrame {
+    source: String,
+    t: f64,
+    jpeg: Arc<Vec<u8>>,
 }
 
 /// Shared between the follower thread and the HTTP handlers.
@@ -160,8 +167,11 @@ impl History {
         let has_frame = frame.is_some();
         let mut st = self.lock();
         if let Some(jpeg) = frame {
-            st.frames
-                .push_back(((e.source.clone(), e.t), Arc::new(jpeg)));
+            st.frames.push_back(KeptFrame {
+                source: e.source.clone(),
+                t: e.t,
+                jpeg: Arc::new(jpeg),
+            });
             while st.frames.len() > MAX_FRAMES {
                 st.frames.pop_front();
             }
@@ -221,13 +231,11 @@ impl History {
 
     /// The frame the model looked at for this answer, if the board still has it.
     fn model_frame(&self, e: &Event) -> Option<Vec<u8>> {
-        let f = self.live.frame(&e.source)?;
-        let same = |t: f64| (f.t - t).abs() < 1e-3;
-        if same(e.t) || e.end.is_some_and(same) {
-            f.jpeg()
-        } else {
-            None
-        }
+        // A window of frames is answered at its start; its newest frame is at its end.
+        self.live
+            .frame_at(&e.source, e.t)
+            .or_else(|| e.end.and_then(|end| self.live.frame_at(&e.source, end)))?
+            .jpeg()
     }
 
     /// The JPEG kept for the answer of `source` at media time `t`.
@@ -236,8 +244,8 @@ impl History {
             .frames
             .iter()
             .rev()
-            .find(|((s, ft), _)| s == source && (ft - t).abs() < 1e-3)
-            .map(|(_, j)| Arc::clone(j))
+            .find(|f| f.source == source && (f.t - t).abs() < 1e-3)
+            .map(|f| Arc::clone(&f.jpeg))
     }
 
     /// Everything the page needs to draw its history, as of now.
@@ -257,7 +265,8 @@ impl History {
                         b.motion.map(round4),
                         b.scene,
                         b.level.map(round2),
-                        b.voice
+                        b.voice,
+                        b.frames
                     ])
                 })
                 .collect();
@@ -469,6 +478,17 @@ mod tests {
                 },
             )
         };
+        // A newer frame was sent before the answer about 4.5 came back.
+        live.set_frame(
+            "a",
+            Arc::new(crate::ingest::VideoFrame {
+                t: 5.5,
+                width: 8,
+                height: 8,
+                rgb: vec![20; 8 * 8 * 3],
+                captured: std::time::Instant::now(),
+            }),
+        );
         h.record(&d(4.5), now_ms());
         h.record(&d(9.0), now_ms());
         assert!(h.frame("a", 4.5).is_some());

@@ -119,6 +119,11 @@ impl Browser {
             next_id: 0,
         };
         b.viewport(1280, 800, false);
+        // The target exists before its document has loaded (it starts as about:blank).
+        b.wait(
+            "the page to load",
+            "location.href !== 'about:blank' && document.readyState === 'complete'",
+        );
         Some(b)
     }
 

@@ -95,7 +95,7 @@ fn analyze_writes_a_report_with_timeline_thumbnails_and_transcript() {
     let Some(mut b) = Browser::launch(&file_url(&report), &d) else {
         return;
     };
-    b.wait("the report", "document.readyState === 'complete'");
+    b.wait("the report", "!!document.querySelector('h1')");
     assert_eq!(
         b.eval("document.querySelector('h1').textContent"),
         "clip.mp4"
@@ -168,7 +168,7 @@ fn model_text_in_the_report_stays_text() {
     let Some(mut b) = Browser::launch(&file_url(&path), &d) else {
         return;
     };
-    b.wait("the report", "document.readyState === 'complete'");
+    b.wait("the report", "!!document.querySelector('h1')");
     assert_eq!(b.eval("document.title"), "clip.mp4 - percept report");
     assert_eq!(
         b.eval("document.querySelectorAll('script, b, img[src=x]').length"),
