@@ -147,11 +147,14 @@ pub fn serve(listen: &str, state: AppState) -> Result<Server, HttpError> {
     })?;
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let mut grace_rx = tx.subscribe();
+    // Built here, not on the server thread: the page's history subscribes to events now, so
+    // it sees the first events of the sources started right after `serve` returns.
+    let router = app(state);
     let thread = std::thread::Builder::new()
         .name("percept-http".into())
         .spawn(move || {
             rt.block_on(async move {
-                let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+                let server = axum::serve(listener, router).with_graceful_shutdown(async move {
                     let _ = rx.wait_for(|stop| *stop).await;
                 });
                 // Live feeds never end on their own, so a graceful shutdown would wait for
