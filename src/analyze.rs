@@ -705,6 +705,8 @@ fn analyze_one(
     for f in [&events, &vtt, &srt, &summary_md] {
         sync_file(f).map_err(io_err(f))?;
     }
+    crate::report::write(rec, &events, &dir).map_err(io_err(&dir.join("report.html")))?;
+    sync_file(&dir.join("report.html")).map_err(io_err(&dir.join("report.html")))?;
     sync_dir(&summary_md).map_err(io_err(&dir))?;
     let done = Checkpoint {
         done: true,

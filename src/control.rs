@@ -115,7 +115,15 @@ impl LatestFrame {
 pub struct LiveBoard {
     model: Mutex<Option<ModelStatus>>,
     frames: Mutex<HashMap<String, LatestFrame>>,
+    /// The newest sampled frame per source (model or not), for the page.
+    sampled: Mutex<HashMap<String, crate::ingest::latest::LatestSampled>>,
+    /// The last few frames the model looked at (all sources), so an answer that comes back
+    /// after a newer frame was sent still finds its own (see [`LiveBoard::frame_at`]).
+    recent: Mutex<std::collections::VecDeque<(String, LatestFrame)>>,
 }
+
+/// Frames kept in [`LiveBoard`]'s recent ring.
+const RECENT_FRAMES: usize = 8;
 
 impl LiveBoard {
     pub fn set_model(&self, s: ModelStatus) {
@@ -131,18 +139,35 @@ impl LiveBoard {
     }
 
     pub fn set_frame(&self, source: &str, frame: Arc<VideoFrame>) {
+        let latest = LatestFrame {
+            t: frame.t,
+            frame,
+            jpeg: Arc::default(),
+            description: None,
+        };
+        {
+            let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            r.push_back((source.to_string(), latest.clone()));
+            while r.len() > RECENT_FRAMES {
+                r.pop_front();
+            }
+        }
         self.frames
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                source.to_string(),
-                LatestFrame {
-                    t: frame.t,
-                    frame,
-                    jpeg: Arc::default(),
-                    description: None,
-                },
-            );
+            .insert(source.to_string(), latest);
+    }
+
+    /// The frame of `source` the model looked at with media time `t` (within 1 ms), if it
+    /// is the newest or still among the last few.
+    pub fn frame_at(&self, source: &str, t: f64) -> Option<LatestFrame> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .find(|(s, f)| s == source && (f.t - t).abs() < 1e-3)
+            .map(|(_, f)| f.clone())
     }
 
     /// Attach the model's words to the frame at `t` (if it is still the latest).
@@ -172,5 +197,28 @@ impl LiveBoard {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(source);
+        self.sampled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(source);
+    }
+
+    /// Where a source's newest sampled frame can be read (see `Feed::latest`).
+    pub fn track_sampled(&self, source: &str, latest: crate::ingest::latest::LatestSampled) {
+        self.sampled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(source.to_string(), latest);
+    }
+
+    /// The newest sampled frame of a source, None before its first one.
+    pub fn sampled(&self, source: &str) -> Option<crate::ingest::latest::SampledView> {
+        let l = self
+            .sampled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(source)
+            .cloned();
+        l.and_then(|l| l.get())
     }
 }

@@ -21,6 +21,7 @@ pub mod pipeline_bench;
 pub mod preprocess;
 pub mod progress;
 pub mod queue;
+pub mod report;
 pub mod run;
 pub mod signal;
 pub mod sink;

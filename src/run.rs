@@ -367,6 +367,9 @@ impl Shared {
             self.metrics.clone(),
             self.events.clone(),
         );
+        self.env
+            .live_board
+            .track_sampled(&p.spec.name, feed.latest.clone());
         // Every source gets a task while the model is on (task `none` asks nothing) so its
         // task can change at runtime.
         let task = if cfg.model.enabled {

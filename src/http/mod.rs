@@ -5,6 +5,7 @@
 mod control;
 mod feed;
 mod guard;
+mod history;
 mod page;
 
 pub use guard::{check_exposure, constant_time_eq, FeedPermit, FeedSlots, Guard};
@@ -47,6 +48,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sources/{name}/task", put(control::set_task))
         .route("/v1/sources/{name}/frame.jpg", get(page::frame))
         .route("/v1/reload", post(control::reload))
+        .merge(page::routes(&state))
         .with_state(state)
 }
 

@@ -8,6 +8,7 @@
 pub mod audio_file;
 pub mod chunker;
 pub mod graph;
+pub mod latest;
 pub mod supervisor;
 pub mod template;
 
@@ -111,6 +112,8 @@ pub struct Feed {
     /// Media duration when known (files), f64 bits, NaN when unknown: for progress.
     duration: AtomicU64,
     created: Instant,
+    /// The newest sampled frame, for viewers (the page), with or without a model.
+    pub latest: latest::LatestSampled,
 }
 
 impl Feed {
@@ -134,6 +137,7 @@ impl Feed {
             last_media_end: AtomicU64::new(f64::NAN.to_bits()),
             duration: AtomicU64::new(f64::NAN.to_bits()),
             created: Instant::now(),
+            latest: latest::LatestSampled::default(),
         })
     }
 
@@ -259,6 +263,7 @@ impl Feed {
             .with_label_values(&[&self.name])
             .inc();
         self.note_media_end(frame.t);
+        self.latest.offer(&frame);
         let bytes = frame.rgb.len() + std::mem::size_of::<VideoFrame>();
         match self.video.push(frame, bytes) {
             Pushed::Queued => {}

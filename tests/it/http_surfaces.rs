@@ -142,6 +142,8 @@ fn start(control: Option<Arc<dyn ControlApi>>) -> Running {
         },
     )
     .expect("serve");
+    // The page's history follows events from the start (one subscription of its own).
+    wait_for("the page's history", || events.subscribers() == 1);
     Running {
         server,
         events,
@@ -341,7 +343,8 @@ impl SseClient {
 fn sse_delivers_filtered_events_and_stops_when_the_client_leaves() {
     let r = start(None);
     let mut c = SseClient::connect(&r, "?source=a,c&kind=caption,alert");
-    assert_eq!(r.events.subscribers(), 1);
+    // The page's history and this client.
+    assert_eq!(r.events.subscribers(), 2);
     // In emit order: only the third and the last two pass the filter.
     r.events.emit(audio("a"));
     r.events
@@ -382,7 +385,7 @@ fn sse_delivers_filtered_events_and_stops_when_the_client_leaves() {
     drop(c);
     wait_for("the feed's subscription to end", || {
         r.events.emit(audio("z"));
-        r.events.subscribers() == 0
+        r.events.subscribers() == 1
     });
 }
 
@@ -416,7 +419,7 @@ fn a_stalled_client_never_blocks_emit_and_shutdown_cuts_open_feeds() {
     drop(stalled);
     wait_for("the stalled feed's subscription to end", || {
         events.emit(audio("z"));
-        events.subscribers() == 0
+        events.subscribers() == 1
     });
 }
 
@@ -442,7 +445,7 @@ fn websocket_delivers_filtered_events_as_text_frames() {
     let (mut ws, resp) = tungstenite::client::client(url.as_str(), stream).expect("handshake");
     assert_eq!(resp.status(), 101);
     // The session subscribes just after the upgrade.
-    wait_for("the WebSocket subscription", || r.events.subscribers() == 1);
+    wait_for("the WebSocket subscription", || r.events.subscribers() == 2);
     r.events.emit(audio("a"));
     r.events
         .emit(caption("b", "other source", CaptionStatus::Final));
@@ -465,7 +468,7 @@ fn websocket_delivers_filtered_events_as_text_frames() {
     drop(ws);
     wait_for("the WebSocket subscription to end", || {
         r.events.emit(audio("z"));
-        r.events.subscribers() == 0
+        r.events.subscribers() == 1
     });
 }
 
@@ -623,7 +626,7 @@ fn page_is_self_contained() {
     let page = request(&r, "GET", "/", None);
     assert_eq!(page.status, 200);
     let html = String::from_utf8(page.body).unwrap();
-    assert!(html.contains("new EventSource(\"/v1/events"));
+    assert!(html.contains("new EventSource(api(\"/v1/events"));
     // Offline machines: nothing may come from elsewhere.
     assert!(!html.contains("http://") && !html.contains("https://"));
     // Model text never goes through the HTML parser.
@@ -809,7 +812,7 @@ fn render_page(chromium: &str) -> Rendered {
         );
 
         // The page's own EventSource is the only subscriber.
-        wait_long("the page to subscribe", || r.events.subscribers() >= 1);
+        wait_long("the page to subscribe", || r.events.subscribers() >= 2);
         // As the run loop would: the board and the feed agree on the new state.
         ctl.sources.lock().unwrap()[1].state = Some(SourceState::Running);
         // Emitted again every few seconds until the page shows them: on a loaded machine the

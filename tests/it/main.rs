@@ -5,6 +5,7 @@
 
 mod analyze;
 mod bad_input;
+mod browser;
 mod common;
 mod config_files;
 mod control_api;
@@ -15,5 +16,7 @@ mod http_surfaces;
 mod live;
 mod model_worker;
 mod mqtt;
+mod page;
+mod report;
 mod rtsp;
 mod security;
