@@ -303,7 +303,7 @@ pub fn analyze_with(
 }
 
 /// Checks the config and finds the recordings.
-fn prepare(cfg: &Config, paths: &[PathBuf]) -> Result<Vec<PathBuf>, AnalyzeError> {
+pub(crate) fn prepare(cfg: &Config, paths: &[PathBuf]) -> Result<Vec<PathBuf>, AnalyzeError> {
     let problems = cfg.validate();
     if !problems.is_empty() {
         return Err(AnalyzeError::Config(problems.join("; ")));
@@ -318,6 +318,24 @@ fn prepare(cfg: &Config, paths: &[PathBuf]) -> Result<Vec<PathBuf>, AnalyzeError
     Ok(recordings)
 }
 
+/// The output folder name of each recording: its file stem made safe, `-2`, `-3`... on a
+/// repeat (`percept enqueue` names queued jobs with it too).
+pub fn output_names(recordings: &[PathBuf]) -> Vec<String> {
+    let mut used = std::collections::HashSet::new();
+    recordings
+        .iter()
+        .map(|rec| {
+            let mut name = source_name(rec);
+            let mut k = 2;
+            while !used.insert(name.clone()) {
+                name = format!("{}-{k}", source_name(rec));
+                k += 1;
+            }
+            name
+        })
+        .collect()
+}
+
 fn analyze_each(
     cfg: &Config,
     recordings: &[PathBuf],
@@ -326,23 +344,16 @@ fn analyze_each(
     stop: Arc<AtomicBool>,
 ) -> Result<Vec<Analyzed>, AnalyzeError> {
     let mut results = Vec::new();
-    let mut used = std::collections::HashSet::new();
-    for rec in recordings {
+    for (rec, name) in recordings.iter().zip(output_names(recordings)) {
         if stop.load(Ordering::Relaxed) {
             break;
-        }
-        let mut name = source_name(rec);
-        let mut k = 2;
-        while !used.insert(name.clone()) {
-            name = format!("{}-{k}", source_name(rec));
-            k += 1;
         }
         results.push(analyze_one(cfg, rec, &name, out, model, stop.clone())?);
     }
     Ok(results)
 }
 
-fn analyze_one(
+pub(crate) fn analyze_one(
     cfg: &Config,
     rec: &Path,
     name: &str,

@@ -634,6 +634,7 @@ impl SourceTask {
                     attempt: None,
                     retry_in: None,
                     governor: Some(st),
+                    shard: crate::fleet::shard::label(),
                 },
             );
         }

@@ -9,6 +9,7 @@ mod common;
 mod config_files;
 mod control_api;
 mod files;
+mod fleet;
 mod http_surfaces;
 mod live;
 mod model_worker;
