@@ -459,7 +459,7 @@ pub fn analyze_with(
 }
 
 /// Checks the config and finds the recordings.
-fn prepare(cfg: &Config, paths: &[PathBuf]) -> Result<Found, AnalyzeError> {
+pub(crate) fn prepare(cfg: &Config, paths: &[PathBuf]) -> Result<Found, AnalyzeError> {
     let problems = cfg.validate();
     if !problems.is_empty() {
         return Err(AnalyzeError::Config(problems.join("; ")));
@@ -472,6 +472,24 @@ fn prepare(cfg: &Config, paths: &[PathBuf]) -> Result<Found, AnalyzeError> {
     let found = collect(paths)?;
     gstreamer::init().map_err(|e| AnalyzeError::Config(format!("GStreamer: {e}")))?;
     Ok(found)
+}
+
+/// The output folder name of each recording: its file stem made safe, `-2`, `-3`... on a
+/// repeat (`percept enqueue` names queued jobs with it too).
+pub fn output_names(recordings: &[PathBuf]) -> Vec<String> {
+    let mut used = std::collections::HashSet::new();
+    recordings
+        .iter()
+        .map(|rec| {
+            let mut name = source_name(rec);
+            let mut k = 2;
+            while !used.insert(name.clone()) {
+                name = format!("{}-{k}", source_name(rec));
+                k += 1;
+            }
+            name
+        })
+        .collect()
 }
 
 fn analyze_each(
@@ -525,7 +543,7 @@ fn analyze_each(
 }
 
 /// Who a recording is, across runs and working directories: its canonical path.
-fn recording_identity(rec: &Path) -> String {
+pub(crate) fn recording_identity(rec: &Path) -> String {
     std::fs::canonicalize(rec)
         .unwrap_or_else(|_| rec.to_path_buf())
         .display()
@@ -574,7 +592,7 @@ fn claim_dir(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn analyze_one(
+pub(crate) fn analyze_one(
     cfg: &Config,
     rec: &Path,
     identity: &str,

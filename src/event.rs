@@ -109,6 +109,9 @@ pub enum Body {
         /// The real-time governor's view of the source, when a model serves it.
         #[serde(skip_serializing_if = "Option::is_none", flatten)]
         governor: Option<GovernorState>,
+        /// `K/N` when this process is one shard of a set (`percept run --shard`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        shard: Option<String>,
     },
     /// What the model says about the scene (one frame, or a window of frames sent as video).
     Description {

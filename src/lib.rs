@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod engine;
 pub mod event;
+pub mod fleet;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

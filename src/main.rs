@@ -22,6 +22,9 @@ enum Command {
     /// Analyse recordings (files or folders) as fast as the model allows: a transcript
     /// (VTT, SRT), events and a summary per recording; resumes where it was interrupted.
     Analyze(AnalyzeArgs),
+    /// Queue recordings (files or folders) on a Redis Streams work queue for
+    /// `percept analyze --queue` workers.
+    Enqueue(EnqueueArgs),
     /// Configuration files.
     Config {
         #[command(subcommand)]
@@ -78,13 +81,30 @@ struct RunArgs {
     /// A `watch` question (repeat for several).
     #[arg(long = "question", value_name = "TEXT")]
     questions: Vec<String>,
+    /// Run only the sources that rendezvous hashing of their names gives shard K of N
+    /// (K from 0); K may be `hostname`: the host name's trailing number (pod percept-3 -> 3).
+    #[arg(long, value_name = "K/N")]
+    shard: Option<percept::fleet::shard::Shard>,
 }
 
 #[derive(Args)]
 struct AnalyzeArgs {
     /// Recordings, or folders searched recursively for them.
-    #[arg(required = true, value_name = "PATH")]
+    #[arg(
+        required_unless_present = "queue",
+        conflicts_with = "queue",
+        value_name = "PATH"
+    )]
     paths: Vec<PathBuf>,
+    /// Work on the jobs of a queue instead: redis://HOST:PORT/NAME (see `percept enqueue`).
+    #[arg(long, value_name = "URL")]
+    queue: Option<String>,
+    /// Take over a job whose worker has been silent this long.
+    #[arg(long, value_name = "SECONDS", requires = "queue")]
+    claim_after: Option<f64>,
+    /// Exit 0 once no job is left or pending.
+    #[arg(long, requires = "queue")]
+    until_empty: bool,
     /// Output folder: one sub-folder per recording.
     #[arg(long, short, default_value = "percept-out")]
     out: PathBuf,
@@ -94,6 +114,16 @@ struct AnalyzeArgs {
     /// The Gemma 4 model: a hub id or a local folder.
     #[arg(long, value_name = "MODEL")]
     model: Option<String>,
+}
+
+#[derive(Args)]
+struct EnqueueArgs {
+    /// The queue: redis://[:PASSWORD@]HOST:PORT/NAME.
+    #[arg(long, value_name = "URL")]
+    queue: String,
+    /// Recordings, or folders searched recursively for them.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -153,6 +183,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => cmd_run(args),
         Command::Analyze(args) => cmd_analyze(args),
+        Command::Enqueue(args) => percept::fleet::cli::enqueue(&args.queue, &args.paths),
         Command::Config {
             command: ConfigCommand::Check { files },
         } => cmd_config_check(&files),
@@ -235,8 +266,16 @@ fn cmd_run(args: RunArgs) -> ExitCode {
         task: args.task,
         questions: args.questions,
         config_path: args.config.clone(),
+        shard: args.shard,
     };
+    if let Some(s) = args.shard {
+        percept::fleet::shard::set_current(s);
+    }
+    let all = cfg.sources.len().max(overrides.sources.len());
     let cfg = run::merge(cfg, &overrides);
+    if let Some(s) = args.shard {
+        percept::fleet::cli::announce_shard(s, cfg.sources.len(), all, cfg.http.enabled);
+    }
     let stop = stop_on_signals();
     let reload = Arc::new(AtomicBool::new(false));
     let _ = signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone());
@@ -262,6 +301,10 @@ fn cmd_analyze(args: AnalyzeArgs) -> ExitCode {
         cfg.model.id = m;
     }
     let stop = stop_on_signals();
+    if let Some(q) = args.queue {
+        let opts = (q, args.out, args.claim_after, args.until_empty);
+        return percept::fleet::cli::work(cfg, opts, stop);
+    }
     match percept::analyze::analyze(cfg, &args.paths, &args.out, stop) {
         Ok(done) => {
             let mut failed = Vec::new();

@@ -194,7 +194,8 @@ impl Metrics {
     // Names and label sets are constants checked by the tests, so registration cannot fail.
     #[allow(clippy::expect_used)]
     pub fn new() -> Metrics {
-        let r = Registry::new_custom(Some("percept".into()), None).expect("valid prefix");
+        let r = Registry::new_custom(Some("percept".into()), crate::fleet::shard::metric_labels())
+            .expect("valid prefix");
         let latency = HistogramVec::new(
             HistogramOpts::new(
                 "capture_to_analysis_seconds",

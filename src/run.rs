@@ -45,6 +45,8 @@ pub struct Overrides {
     pub questions: Vec<String>,
     /// The config file, re-read on SIGHUP / `POST /v1/reload`.
     pub config_path: Option<PathBuf>,
+    /// `--shard K/N`: run only the sources this shard owns.
+    pub shard: Option<crate::fleet::shard::Shard>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,9 @@ pub fn merge(mut cfg: Config, o: &Overrides) -> Config {
     }
     if o.no_http {
         cfg.http.enabled = false;
+    }
+    if let Some(s) = o.shard {
+        crate::fleet::shard::retain(&mut cfg.sources, s);
     }
     cfg
 }
@@ -496,6 +501,9 @@ impl Shared {
         }
         let p = prepare_one(&cfg, &sc).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let name = p.spec.name.clone();
+        if let Some(s) = self.overrides.shard {
+            s.check(&name).map_err(ControlError::Conflict)?;
+        }
         let mut sources = lock(&self.sources);
         if sources.iter().any(|r| r.spec.name == name && !r.removed) {
             return Err(ControlError::Conflict(format!(
@@ -736,7 +744,7 @@ pub fn run_with(
         http::check_exposure(&cfg.http).map_err(RunError::Config)?;
     }
     let prepared = prepare(cfg)?;
-    if prepared.is_empty() {
+    if prepared.is_empty() && overrides.shard.is_none() {
         return Err(RunError::NoSources);
     }
     let events = Events::open(&cfg.run.events).map_err(|error| RunError::Events {
@@ -861,7 +869,12 @@ pub fn run_with(
                 running += 1;
             }
         }
-        if running == 0 && shared.restarting.load(Ordering::SeqCst) == 0 {
+        // A shard with no source of its own waits (serving HTTP) for one to be added.
+        let idle_shard = overrides.shard.is_some()
+            && cfg.http.enabled
+            && !stopping
+            && lock(&shared.sources).is_empty();
+        if running == 0 && shared.restarting.load(Ordering::SeqCst) == 0 && !idle_shard {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -419,6 +419,7 @@ mod tests {
                     attempt: None,
                     retry_in: None,
                     governor: None,
+                    shard: None,
                 },
             ),
             at,

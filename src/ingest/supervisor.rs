@@ -102,6 +102,7 @@ impl Supervisor {
                 attempt,
                 retry_in,
                 governor: None,
+                shard: crate::fleet::shard::label(),
             },
         );
     }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// The official Gemma 4 chat template (as shipped by the checkpoints).
 pub const GEMMA4_CHAT_TEMPLATE: &str = include_str!("gemma4_chat_template.jinja");
@@ -576,4 +576,14 @@ pub fn temp_model_dir(tag: &str) -> PathBuf {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     std::env::temp_dir().join(format!("percept-tiny-{tag}-{}-{nanos}", std::process::id()))
+}
+
+/// Converts every tensor of a map to `dtype` (e.g. to write a bf16 checkpoint).
+pub fn cast_all(
+    t: BTreeMap<String, Tensor>,
+    dtype: DType,
+) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    t.into_iter()
+        .map(|(k, v)| v.to_dtype(dtype).map(|v| (k, v)))
+        .collect()
 }

@@ -942,6 +942,7 @@ impl SourceTask {
                     attempt: None,
                     retry_in: None,
                     governor: Some(st),
+                    shard: crate::fleet::shard::label(),
                 },
             );
         }

@@ -829,6 +829,7 @@ fn render_page(chromium: &str) -> Rendered {
                     attempt: None,
                     retry_in: None,
                     governor: None,
+                    shard: None,
                 },
             ));
             r.events.emit(caption(

@@ -12,6 +12,7 @@ mod control_api;
 mod durable;
 mod faults;
 mod files;
+mod fleet;
 mod http_surfaces;
 mod live;
 mod model_worker;

@@ -103,6 +103,7 @@ fn state(src: &str) -> Event {
             attempt: None,
             retry_in: None,
             governor: None,
+            shard: None,
         },
     )
 }
