@@ -45,6 +45,10 @@ impl StateBoard {
     }
 }
 
+/// Seconds a file may take to give its first sample before it is called damaged (at least
+/// `[watchdog] stall_seconds`); generous, since a loaded machine starts graphs slowly.
+const FILE_START_SECONDS: f64 = 20.0;
+
 /// How one connection ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -317,6 +321,19 @@ impl Supervisor {
                     let idle = self.feed.idle_seconds();
                     if idle >= self.stall_seconds {
                         break Outcome::Stalled(idle);
+                    }
+                } else if !started {
+                    // Before its first sample a file cannot be held back by the worker: a
+                    // graph that gives nothing for this long is stuck on a damaged file (a
+                    // demuxer can wait forever on one without posting an error).
+                    let idle = self.feed.idle_seconds();
+                    if idle >= FILE_START_SECONDS.max(self.stall_seconds) {
+                        break Outcome::Error {
+                            message: format!(
+                                "no audio or video after {idle:.0} s: the file is damaged or truncated"
+                            ),
+                            fatal: true,
+                        };
                     }
                 }
             }

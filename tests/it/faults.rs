@@ -306,8 +306,9 @@ fn start_rtsp(port: u16) -> std::process::Child {
 
 /// The RTSP server killed `PERCEPT_FAULT_KILLS` times (20), one kill every
 /// `PERCEPT_FAULT_PERIOD_S` seconds (30: ten minutes), each outage 5 s: as many
-/// reconnects and `gap` events as kills, and RSS and open descriptors flat (the last
-/// quarter of the samples within 10% / 4 descriptors of the first quarter's).
+/// reconnections and `gap` events as kills, and RSS and open descriptors flat (the last
+/// quarter of the samples within 10% / 4 descriptors of the second quarter's; the first
+/// is warm-up).
 #[test]
 #[ignore = "minutes: an RTSP server killed 20 times; run by hand with --ignored --nocapture"]
 fn fault_rtsp_server_killed_repeatedly() {
@@ -376,7 +377,14 @@ fn fault_rtsp_server_killed_repeatedly() {
         .iter()
         .filter(|g| g["reason"] == "outage")
         .count();
-    let reconnects = u(summary(&ev, "cam"), "reconnects");
+    // `reconnects` in the summary counts attempts (several per 5 s outage with the backoff);
+    // a reconnection is the source running again.
+    let attempts = u(summary(&ev, "cam"), "reconnects");
+    let reconnects = of_kind(&ev, "cam", "state")
+        .iter()
+        .filter(|s| s["state"] == "running")
+        .count()
+        .saturating_sub(1);
     let q = (samples.len() / 4).max(1);
     let avg = |s: &[(u64, u64, usize)]| -> (f64, f64) {
         let n = s.len() as f64;
@@ -385,10 +393,11 @@ fn fault_rtsp_server_killed_repeatedly() {
             s.iter().map(|x| x.2 as f64).sum::<f64>() / n,
         )
     };
-    let (rss_a, fd_a) = avg(&samples[..q]);
+    // The first quarter is warm-up (allocator arenas, GStreamer caches fill once).
+    let (rss_a, fd_a) = avg(&samples[q..2 * q]);
     let (rss_b, fd_b) = avg(&samples[samples.len() - q..]);
     println!(
-        "{kills} kills over {} s: {reconnects} reconnects, {gaps} outage gaps; RSS {:.1} -> {:.1} MiB, fds {fd_a:.1} -> {fd_b:.1}",
+        "{kills} kills over {} s: {reconnects} reconnections ({attempts} attempts), {gaps} outage gaps; RSS (2nd quarter -> last quarter) {:.1} -> {:.1} MiB, fds {fd_a:.1} -> {fd_b:.1}",
         t0.elapsed().as_secs(),
         rss_a / 1024.0,
         rss_b / 1024.0
@@ -398,7 +407,7 @@ fn fault_rtsp_server_killed_repeatedly() {
         .map(|s| serde_json::json!({"t": s.0, "rss_kib": s.1, "fds": s.2}))
         .collect();
     println!("samples: {}", serde_json::to_string(&all).unwrap());
-    assert_eq!(reconnects, kills as u64);
+    assert_eq!(reconnects, kills);
     assert_eq!(gaps, kills);
     assert!(rss_b <= rss_a * 1.10, "RSS grew: {rss_a} -> {rss_b} KiB");
     assert!(fd_b <= fd_a + 4.0, "descriptors grew: {fd_a} -> {fd_b}");
