@@ -615,3 +615,110 @@ fn quant_cache_is_written_once_and_loads_the_same_model() {
         assert_eq!(cached("q4k", "projections"), None);
     });
 }
+
+#[test]
+fn gguf_projector_gives_the_checkpoints_towers() {
+    use percept::model::media::TowerEncoder;
+    use percept::model::multimodal::MediaEncoder;
+    with_cache("mmproj", |_| {
+        for arch in ["gemma4", "gemma4_unified"] {
+            let proj = gguf(&format!("mmproj-{arch}-f32.gguf"));
+            let g = load(
+                gguf(&format!("{arch}-f32.gguf")).to_str().unwrap(),
+                Some(&proj),
+            );
+            let st = Gemma4::load_dir(&root().join(arch).join("model"), &LoadOptions::default())
+                .unwrap();
+            // The tower settings rebuilt from the projector's metadata and tensor shapes.
+            let js = |v: &dyn ToJson| v.json();
+            assert_eq!(
+                js(&g.config.vision_config),
+                js(&st.config.vision_config),
+                "{arch}"
+            );
+            assert_eq!(
+                js(&g.config.audio_config),
+                js(&st.config.audio_config),
+                "{arch}"
+            );
+            assert_eq!(g.config.unified_vision, st.config.unified_vision, "{arch}");
+            assert_eq!(g.config.unified_audio, st.config.unified_audio, "{arch}");
+            // One encoder per model: an encoder keeps the towers it loaded first.
+            let (eg, es) = (TowerEncoder::new(70), TowerEncoder::new(70));
+            let inputs = root().join(arch).join("inputs");
+            let (a, b) = (
+                eg.encode_image(&g, &inputs.join("image.png")).unwrap(),
+                es.encode_image(&st, &inputs.join("image.png")).unwrap(),
+            );
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(&a, &b);
+            eprintln!("{arch}: image soft tokens differ by {d} (scale {scale})");
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "{arch}: image soft tokens differ by {d}"
+            );
+            let (a, b) = (
+                eg.encode_audio(&g, &inputs.join("audio.wav")).unwrap(),
+                es.encode_audio(&st, &inputs.join("audio.wav")).unwrap(),
+            );
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                let scale = y
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let d = max_diff(x, y);
+                eprintln!("{arch}: audio soft tokens differ by {d} (scale {scale})");
+                // per_dim_scale is stored through softplus and inverted in f64.
+                assert!(
+                    d <= 1e-5 * scale.max(1.0),
+                    "{arch}: audio soft tokens differ by {d}"
+                );
+            }
+            // The q8_0 projector runs too (blocks in place where the converter did not
+            // reorder them), close to the f32 towers.
+            let q = load(
+                gguf(&format!("{arch}-q8_0.gguf")).to_str().unwrap(),
+                Some(&gguf(&format!("mmproj-{arch}-q8_0.gguf"))),
+            );
+            let a = TowerEncoder::new(70)
+                .encode_image(&q, &inputs.join("image.png"))
+                .unwrap();
+            let b = es.encode_image(&st, &inputs.join("image.png")).unwrap();
+            assert_eq!(a.dims(), b.dims());
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(&a, &b);
+            eprintln!("{arch}: q8_0 image soft tokens differ by {d} (scale {scale})");
+            assert!(
+                d <= 0.1 * scale,
+                "{arch}: q8_0 image soft tokens differ by {d}"
+            );
+        }
+    });
+}
+
+/// Config structs compared through their JSON form.
+trait ToJson {
+    fn json(&self) -> serde_json::Value;
+}
+
+impl<T: serde::Serialize> ToJson for T {
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap()
+    }
+}

@@ -69,7 +69,9 @@ impl Value {
 
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
-            Value::F32(v) => Some(v as f64),
+            // The shortest decimal that rounds to this f32: what the converter was given
+            // (1e-6, not 9.99999997e-7).
+            Value::F32(v) => v.to_string().parse().ok(),
             Value::F64(v) => Some(v),
             _ => self.as_u64().map(|v| v as f64),
         }

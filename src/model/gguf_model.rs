@@ -22,6 +22,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use super::gguf::{GgufFile, Value};
+use super::gguf_mmproj::Fix;
 use super::loader::{LoadError, ModelFiles};
 
 /// Prefix of the decoder tensors in the checkpoint layout.
@@ -99,8 +100,8 @@ pub const CACHE_MARK: &str = "percept.cache.version";
 /// The tensors of one or more GGUF files under checkpoint names.
 pub struct GgufTensors {
     pub files: Vec<Arc<GgufFile>>,
-    /// checkpoint name -> (file, tensor index in that file's table).
-    map: HashMap<String, (usize, usize)>,
+    /// checkpoint name -> (file, tensor index in that file's table, change to undo).
+    map: HashMap<String, (usize, usize, Fix)>,
 }
 
 impl std::fmt::Debug for GgufTensors {
@@ -118,14 +119,25 @@ impl GgufTensors {
         let mut map = HashMap::new();
         for (fi, f) in files.iter().enumerate() {
             let ours = f.meta(CACHE_MARK).is_some();
+            let projector = if is_mmproj(f) {
+                Some(super::gguf_mmproj::kind(f).ok_or_else(|| {
+                    parse_err(
+                        f,
+                        "projector type is not Gemma 4's (gemma4v/gemma4a or gemma4uv/gemma4ua)"
+                            .into(),
+                    )
+                })?)
+            } else {
+                None
+            };
             for (ti, t) in f.tensors.iter().enumerate() {
-                let name = if ours {
-                    Some(t.name.clone())
-                } else {
-                    checkpoint_name(&t.name)
+                let name = match projector {
+                    _ if ours => Some((t.name.clone(), Fix::None)),
+                    Some(kind) => super::gguf_mmproj::checkpoint_name(&t.name, kind),
+                    None => checkpoint_name(&t.name).map(|n| (n, Fix::None)),
                 };
-                if let Some(n) = name {
-                    map.insert(n, (fi, ti));
+                if let Some((n, fix)) = name {
+                    map.insert(n, (fi, ti, fix));
                 }
             }
         }
@@ -133,9 +145,13 @@ impl GgufTensors {
     }
 
     fn entry(&self, name: &str) -> Option<(&GgufFile, &super::gguf::TensorInfo)> {
-        let &(fi, ti) = self.map.get(name)?;
+        self.entry_fix(name).map(|(f, t, _)| (f, t))
+    }
+
+    fn entry_fix(&self, name: &str) -> Option<(&GgufFile, &super::gguf::TensorInfo, Fix)> {
+        let &(fi, ti, fix) = self.map.get(name)?;
         let f = &self.files[fi];
-        Some((f, &f.tensors[ti]))
+        Some((f, &f.tensors[ti], fix))
     }
 
     fn missing(name: &str) -> LoadError {
@@ -149,18 +165,26 @@ impl GgufTensors {
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
-        self.entry(name)
-            .map(|(_, t)| t.shape.clone())
+        self.entry_fix(name)
+            .map(|(_, t, fix)| super::gguf_mmproj::fixed_shape(&t.shape, fix))
             .ok_or_else(|| Self::missing(name))
     }
 
     pub fn dense(&self, name: &str, device: &Device, dtype: DType) -> Result<Tensor, LoadError> {
-        let (f, t) = self.entry(name).ok_or_else(|| Self::missing(name))?;
+        let (f, t, fix) = self.entry_fix(name).ok_or_else(|| Self::missing(name))?;
+        if fix != Fix::None {
+            return super::gguf_mmproj::fixed_dense(f, t, fix, device, dtype);
+        }
         f.dense(t, device, dtype)
     }
 
     pub fn rows_f32(&self, name: &str, start: usize, n: usize) -> Result<Tensor, LoadError> {
-        let (f, t) = self.entry(name).ok_or_else(|| Self::missing(name))?;
+        let (f, t, fix) = self.entry_fix(name).ok_or_else(|| Self::missing(name))?;
+        if fix != Fix::None {
+            return super::gguf_mmproj::fixed_dense(f, t, fix, &Device::Cpu, DType::F32)?
+                .narrow(0, start, n)
+                .map_err(|e| LoadError::candle(format!("rows of {name}"), e));
+        }
         f.rows_f32(t, start, n)
     }
 
@@ -171,10 +195,11 @@ impl GgufTensors {
         name: &str,
         device: &Device,
     ) -> Result<Option<Arc<QTensor>>, LoadError> {
-        let Some((f, t)) = self.entry(name) else {
+        let Some((f, t, fix)) = self.entry_fix(name) else {
             return Ok(None);
         };
-        if matches!(t.type_id, 0 | 1 | 30) {
+        // Blocks the converter reordered are read through the dense path (undone there).
+        if matches!(t.type_id, 0 | 1 | 30) || fix != Fix::None {
             return Ok(None);
         }
         Ok(Some(Arc::new(f.qtensor(t, device)?)))
@@ -182,7 +207,11 @@ impl GgufTensors {
 
     /// The candle dtype of a dense (F32, F16, BF16) stored tensor.
     pub fn dense_dtype(&self, name: &str) -> Option<DType> {
-        match self.entry(name)?.1.type_id {
+        let (_, t, fix) = self.entry_fix(name)?;
+        if fix != Fix::None {
+            return Some(DType::F32);
+        }
+        match t.type_id {
             0 => Some(DType::F32),
             1 => Some(DType::F16),
             30 => Some(DType::BF16),
@@ -267,7 +296,11 @@ fn tokens(f: &GgufFile) -> Result<Vec<&str>, LoadError> {
 
 /// `config.json` of the checkpoint the GGUF was converted from, as far as the decoder needs
 /// it. `unified` picks `gemma4_unified` (the 12B); see [`is_unified`].
-pub fn config_json(f: &GgufFile, unified: bool) -> Result<serde_json::Value, LoadError> {
+pub fn config_json(
+    f: &GgufFile,
+    unified: bool,
+    projector: Option<&GgufFile>,
+) -> Result<serde_json::Value, LoadError> {
     let a = "gemma4";
     let key = |k: &str| f.meta(&format!("{a}.{k}"));
     let need = |k: &str| {
@@ -424,11 +457,15 @@ pub fn config_json(f: &GgufFile, unified: bool) -> Result<serde_json::Value, Loa
         obj.insert("hidden_size_per_layer_input".into(), ple.into());
         obj.insert("vocab_size_per_layer_input".into(), ple_rows.into());
     }
+    let (vision, audio) = match projector {
+        Some(p) => super::gguf_mmproj::configs(p)?,
+        None => (serde_json::Value::Null, serde_json::Value::Null),
+    };
     let mut top = serde_json::json!({
         "model_type": if unified { "gemma4_unified" } else { "gemma4" },
         "text_config": text,
-        "vision_config": null,
-        "audio_config": null,
+        "vision_config": vision,
+        "audio_config": audio,
         "eos_token_id": eos_ids,
         "tie_word_embeddings": true,
     });
@@ -836,7 +873,7 @@ pub fn model_files(paths: &GgufPaths) -> Result<ModelFiles, LoadError> {
             })?;
         Ok(p)
     };
-    let cfg = config_json(&text, unified)?;
+    let cfg = config_json(&text, unified, proj.as_ref())?;
     let config = write("config.json", cfg.to_string())?;
     let tokenizer = write("tokenizer.json", tokenizer_json(&text)?.to_string())?;
     let chat_template = match text.meta("tokenizer.chat_template").and_then(Value::as_str) {

@@ -16,6 +16,7 @@ pub mod gemma4;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_info;
+pub mod gguf_mmproj;
 pub mod gguf_model;
 pub mod gguf_write;
 pub mod layers;
