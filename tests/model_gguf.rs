@@ -722,3 +722,81 @@ impl<T: serde::Serialize> ToJson for T {
         serde_json::to_value(self).unwrap()
     }
 }
+
+/// Load times of the quantized cache on a mid-size random checkpoint (run by hand:
+/// `cargo test --test model_gguf cache_load_times -- --ignored --nocapture`):
+/// cold (quantizing + writing the cache), warm (cache in the page cache), cold cache
+/// (evicted with posix_fadvise DONTNEED) and `cat file > /dev/null` of the same file.
+#[test]
+#[ignore]
+fn cache_load_times() {
+    use percept::model::quant_cache;
+    use percept::model::testing::{write_tiny_checkpoint, TinySpec};
+    use percept::model::Quant;
+    use std::time::Instant;
+    fn evict(p: &Path) {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::File::open(p).unwrap();
+        // SAFETY: a valid open descriptor; advice only.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+    with_cache("times", |d| {
+        let spec = TinySpec {
+            hidden: 1024,
+            intermediate: 4096,
+            heads: 8,
+            head_dim: 128,
+            global_head_dim: 256,
+            ple_dim: 256,
+            ..TinySpec::default()
+        };
+        let dir = d.join("ckpt");
+        write_tiny_checkpoint(&dir, &spec).unwrap();
+        std::env::set_var(quant_cache::ENV, "always");
+        let files = ModelFiles::from_dir(&dir).unwrap();
+        for quant in [Quant::Q4K, Quant::Q8_0] {
+            let opts = LoadOptions {
+                quant,
+                ..LoadOptions::default()
+            };
+            let path = quant_cache::path_for(&files, quant, Default::default()).unwrap();
+            let t = Instant::now();
+            drop(Gemma4::load_dir(&dir, &opts).unwrap());
+            let cold = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            drop(Gemma4::load_dir(&dir, &opts).unwrap());
+            let warm = t.elapsed().as_secs_f64();
+            evict(&path);
+            let t = Instant::now();
+            let m = Gemma4::load_dir(&dir, &opts).unwrap();
+            // Touch every weight byte as a first forward would: one prompt.
+            let _ = m
+                .prompt_logits(&[2, 40, 41], &SoftTokens::default())
+                .unwrap();
+            let cold_cache = t.elapsed().as_secs_f64();
+            drop(m);
+            evict(&path);
+            let t = Instant::now();
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(format!("cat '{}' > /dev/null", path.display()))
+                .status()
+                .unwrap();
+            assert!(st.success());
+            let cat = t.elapsed().as_secs_f64();
+            let mib = std::fs::metadata(&path).unwrap().len() as f64 / (1u64 << 20) as f64;
+            let ckpt = std::fs::metadata(dir.join("model.safetensors"))
+                .unwrap()
+                .len() as f64
+                / (1u64 << 20) as f64;
+            eprintln!(
+                "{:5} checkpoint {ckpt:.0} MiB, cache {mib:.0} MiB: cold (quantize+write) {cold:.2} s, warm {warm:.3} s, cold cache + first forward {cold_cache:.3} s, cat {cat:.3} s",
+                quant.as_str()
+            );
+        }
+        std::env::remove_var(quant_cache::ENV);
+    });
+}
