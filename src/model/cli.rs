@@ -25,8 +25,12 @@ pub enum ModelCmd {
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Local folder or hub id (looked up in the HF cache).
+    /// Local folder, hub id (looked up in the HF cache), a `.gguf` file, an LM Studio
+    /// folder of GGUF files or `ollama:NAME[:TAG]`.
     pub model: String,
+    /// The projector GGUF (`mmproj-*.gguf`) of a GGUF model; default: one beside it.
+    #[arg(long)]
+    pub mmproj: Option<PathBuf>,
     /// Context length (tokens) for the KV-cache estimate.
     #[arg(long, default_value_t = 8192)]
     pub context: usize,
@@ -37,9 +41,13 @@ pub struct InfoArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Local folder or hub id.
+    /// Local folder, hub id, a `.gguf` file, an LM Studio folder of GGUF files or
+    /// `ollama:NAME[:TAG]`.
     #[arg(long)]
     pub model: String,
+    /// The projector GGUF (`mmproj-*.gguf`) of a GGUF model; default: one beside it.
+    #[arg(long)]
+    pub mmproj: Option<PathBuf>,
     /// Image files, in prompt order (placed before the text).
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
@@ -238,7 +246,7 @@ pub fn kv_bytes(cfg: &Gemma4Config, n: usize, bytes: usize) -> anyhow::Result<us
 }
 
 fn info(a: &InfoArgs) -> anyhow::Result<()> {
-    let files = ModelFiles::resolve(&a.model)?;
+    let files = ModelFiles::resolve_with(&a.model, a.mmproj.as_deref())?;
     let cfg = Gemma4Config::from_file(&files.config)?;
     let w = Weights::open(
         &files.weights,
@@ -324,6 +332,8 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
         "context_for_kv": a.context,
         "memory_estimates": estimates,
     });
+    let mut out = out;
+    super::gguf_info::add_format(&mut out, &files)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -361,6 +371,7 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
             counts.vision_tower as f64 / 1e6,
             counts.audio_tower as f64 / 1e6
         );
+        super::gguf_info::print_format(&out);
         println!("  memory at {} tokens of context:", a.context);
         for e in &estimates {
             println!(
@@ -385,7 +396,9 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
         keep_f16: a.keep_f16,
         max_context: a.max_context,
     };
-    let model = Gemma4::load(&a.model, &opts)?;
+    let files = ModelFiles::resolve_with(&a.model, a.mmproj.as_deref())?;
+    super::gguf_info::check_projector(&files, !a.images.is_empty(), a.audio.is_some())?;
+    let model = Gemma4::load_files(files, &opts)?;
     let load_s = t0.elapsed().as_secs_f64();
     let tok = model
         .tokenizer

@@ -38,7 +38,15 @@ impl Gemma4 {
     }
 
     pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<Self, LoadError> {
-        let weights = Weights::open(&files.weights, &opts.device, opts.dtype)?;
+        // At a block quant the quantized cache (written on the first load) is mapped instead.
+        let weights = match super::quant_cache::prepare(&files, opts.quant, opts.keep_f16)? {
+            super::quant_cache::CacheUse::Hit(p) | super::quant_cache::CacheUse::Written(p) => {
+                Weights::open_gguf(&[p], &opts.device, opts.dtype)?
+            }
+            super::quant_cache::CacheUse::None => {
+                Weights::open(&files.weights, &opts.device, opts.dtype)?
+            }
+        };
         Self::assemble(files, opts, weights)
     }
 

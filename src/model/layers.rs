@@ -197,6 +197,12 @@ impl Linear {
         quant: Quant,
     ) -> Result<Self, LoadError> {
         let full = format!("{name}.weight");
+        // Block-quantized in a GGUF file: used in place, whatever `quant` says.
+        if let Some(q) = w.quantized(&full)? {
+            w.check_shape(&full, &[out_dim, in_dim])?;
+            return Self::from_qtensor(q)
+                .map_err(|e| LoadError::candle(format!("mapping {full}"), e));
+        }
         let t = w.get_dtype(&full, &[out_dim, in_dim], quant.dense_dtype_for(w.dtype()))?;
         Self::from_tensor(t, quant).map_err(|e| LoadError::candle(format!("quantizing {full}"), e))
     }
@@ -283,11 +289,12 @@ impl Module for Linear {
             // Q4K on CPU: one copy of the weights (see `qmm` for why not `QMatMul`). Q8_0
             // keeps candle's repacked tiles: they double its resident size but decode 1.6x
             // faster than the compact blocks (72% vs 46% of the bandwidth bound on E2B), and
-            // q4k is the choice when memory is what limits.
+            // q4k is the choice when memory is what limits. Blocks read in place from a GGUF
+            // mapping (every type) are never repacked: the mapping is the only copy.
             QMatMul::QTensor(q)
                 if xs.device().is_cpu()
-                    && q.dtype() == GgmlDType::Q4K
-                    && super::qmm::supports(q) =>
+                    && super::qmm::supports(q)
+                    && (q.dtype() == GgmlDType::Q4K || super::gguf::is_mapped(q)) =>
             {
                 let dims = xs.dims().to_vec();
                 let k = dims[dims.len() - 1];
@@ -314,6 +321,10 @@ fn ggml_name(g: GgmlDType) -> &'static str {
     match g {
         GgmlDType::Q8_0 => "q8_0",
         GgmlDType::Q4K => "q4k",
+        GgmlDType::Q4_0 => "q4_0",
+        GgmlDType::Q5K => "q5k",
+        GgmlDType::Q6K => "q6k",
+        GgmlDType::BF16 => "bf16",
         GgmlDType::F16 => "f16",
         GgmlDType::F32 => "f32",
         _ => "quantized",
@@ -351,6 +362,10 @@ impl Embedding {
         quant: Quant,
         dense_dtype: DType,
     ) -> Result<Self, LoadError> {
+        if let Some(q) = w.quantized(name)? {
+            w.check_shape(name, &[rows, dim])?;
+            return Ok(Embedding::Quantized(q));
+        }
         match quant.ggml() {
             Some(g) if dim.is_multiple_of(g.block_size()) => {
                 w.check_shape(name, &[rows, dim])?;
@@ -394,6 +409,10 @@ impl Embedding {
         quant: Quant,
         dense_dtype: DType,
     ) -> Result<Self, LoadError> {
+        if let Some(q) = w.quantized(name)? {
+            w.check_shape(name, &[rows, dim])?;
+            return Ok(Embedding::Quantized(q));
+        }
         let Some(g) = quant.ggml().filter(|g| dim.is_multiple_of(g.block_size())) else {
             return Ok(Embedding::Dense(w.get_dtype(
                 name,

@@ -166,6 +166,16 @@ impl ModelFiles {
     /// Resolves a local path, or a hub id through the HF cache (and the hub with the `hub`
     /// feature).
     pub fn resolve(spec: &str) -> Result<Self, LoadError> {
+        Self::resolve_with(spec, None)
+    }
+
+    /// [`ModelFiles::resolve`], and GGUF models (`x.gguf`, an LM Studio folder,
+    /// `ollama:NAME[:TAG]`) with an explicit projector (`--mmproj`); see
+    /// [`super::gguf_model::resolve`].
+    pub fn resolve_with(spec: &str, mmproj: Option<&Path>) -> Result<Self, LoadError> {
+        if let Some(g) = super::gguf_model::resolve(spec, mmproj)? {
+            return super::gguf_model::model_files(&g);
+        }
         let p = Path::new(spec);
         if p.exists() {
             refuse_pickle(p)?;
@@ -269,6 +279,8 @@ enum Backend {
     /// Seeded random tensors of whatever shape is asked (benchmarks at real shapes without
     /// any checkpoint on disk).
     Random(u64),
+    /// GGUF files (llama.cpp's or percept's quantized cache), tensors under checkpoint names.
+    Gguf(Arc<super::gguf_model::GgufTensors>),
 }
 
 /// Deterministic pseudo-random f32 data: uniform in `[-a, a]` around `center`.
@@ -319,6 +331,9 @@ impl std::fmt::Debug for Weights {
 impl Weights {
     /// Maps the given safetensors files. `dtype` is what [`Weights::get`] converts to.
     pub fn open(paths: &[PathBuf], device: &Device, dtype: DType) -> Result<Self, LoadError> {
+        if !paths.is_empty() && paths.iter().all(|p| super::gguf::is_gguf_file(p)) {
+            return Self::open_gguf(paths, device, dtype);
+        }
         for p in paths {
             refuse_pickle(p)?;
             if !p.is_file() {
@@ -339,6 +354,40 @@ impl Weights {
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// Maps GGUF files (see [`super::gguf_model::GgufTensors`]).
+    pub fn open_gguf(paths: &[PathBuf], device: &Device, dtype: DType) -> Result<Self, LoadError> {
+        let files = paths
+            .iter()
+            .map(|p| super::gguf::GgufFile::open(p).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            backend: Backend::Gguf(Arc::new(super::gguf_model::GgufTensors::new(files)?)),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The GGUF tensors behind these weights, if they are GGUF.
+    pub fn gguf(&self) -> Option<&super::gguf_model::GgufTensors> {
+        match &self.backend {
+            Backend::Gguf(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// `name` as stored when it is block-quantized in a GGUF file: its blocks are used where
+    /// they lie (no copy, no re-quantization). None for every other backend and dense tensors.
+    pub fn quantized(
+        &self,
+        name: &str,
+    ) -> Result<Option<Arc<candle_core::quantized::QTensor>>, LoadError> {
+        match &self.backend {
+            Backend::Gguf(g) => g.quantized(&self.full(name), &self.device),
+            _ => Ok(None),
+        }
     }
 
     /// A view with `prefix.` prepended to names.
@@ -384,6 +433,9 @@ impl Weights {
             Backend::Random(_) => Err(LoadError::NotFound(format!(
                 "{name}: random weights have no stored shape"
             ))),
+            Backend::Gguf(_) => Err(LoadError::NotFound(format!(
+                "{name}: GGUF weights are not safetensors"
+            ))),
         }
     }
 
@@ -391,17 +443,32 @@ impl Weights {
         match &self.backend {
             Backend::Mmap(st) => st.get(&self.full(name)).is_ok(),
             Backend::Random(_) => true,
+            Backend::Gguf(g) => g.contains(&self.full(name)),
         }
     }
 
     /// Shape of a stored tensor.
     pub fn shape_of(&self, name: &str) -> Result<Vec<usize>, LoadError> {
         let full = self.full(name);
+        if let Backend::Gguf(g) = &self.backend {
+            return g.shape(&full);
+        }
         let view = self
             .mmap(&full)?
             .get(&full)
             .map_err(|_| LoadError::MissingTensor { name: full.clone() })?;
         Ok(view.shape().to_vec())
+    }
+
+    /// The dtype `name` is stored in (None for random weights and block-quantized GGUF
+    /// tensors, or when the file's dtype has no candle equivalent).
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        let full = self.full(name);
+        match &self.backend {
+            Backend::Mmap(st) => st.get(&full).ok().and_then(|v| v.dtype().try_into().ok()),
+            Backend::Gguf(g) => g.dense_dtype(&full),
+            Backend::Random(_) => None,
+        }
     }
 
     /// Errors unless `name` exists with exactly `shape`.
@@ -435,6 +502,7 @@ impl Weights {
         self.check_shape(name, shape)?;
         let full = self.full(name);
         let t = match &self.backend {
+            Backend::Gguf(g) => return g.dense(&full, &self.device, dtype),
             Backend::Mmap(st) => st.load(&full, &self.device),
             Backend::Random(seed) => {
                 let n = shape.iter().product();
@@ -486,6 +554,20 @@ impl Weights {
             return Tensor::from_vec(data, (n, dim), &self.device)
                 .map_err(|e| LoadError::candle(format!("loading {full}"), e));
         }
+        if let Backend::Gguf(g) = &self.backend {
+            let shape = g.shape(&full)?;
+            if shape.len() != 2 || start + n > shape[0] || shape[1] != dim {
+                return Err(LoadError::ShapeMismatch {
+                    name: full,
+                    expected: vec![start + n, dim],
+                    actual: shape,
+                });
+            }
+            return g
+                .rows_f32(&full, start, n)?
+                .to_device(&self.device)
+                .map_err(|e| LoadError::candle(format!("loading rows of {full}"), e));
+        }
         let view = self
             .mmap(&full)?
             .get(&full)
@@ -517,6 +599,7 @@ impl Weights {
         let mut v: Vec<String> = match &self.backend {
             Backend::Mmap(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
             Backend::Random(_) => Vec::new(),
+            Backend::Gguf(g) => g.names(),
         };
         v.sort();
         v

@@ -20,7 +20,9 @@
 //! Block layout is candle's (= GGML's): each weight row is `k / block_size` consecutive
 //! blocks. Other block types are not handled here (the caller falls back to `QMatMul`).
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0, GgmlType};
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
+};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Result as CResult, Shape};
 use rayon::prelude::*;
@@ -45,9 +47,18 @@ pub fn supported_dtype(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4K | GgmlDType::Q8_0)
 }
 
-/// Whether [`matmul`] handles this weight (CPU storage, Q4K or Q8_0, 2D).
+/// Block types [`matmul`] multiplies: the two percept quantizes to, and those GGUF files
+/// bring (Q4_0, Q5_K, Q6_K; a Q4_K_M file mixes Q4_K, Q5_K and Q6_K).
+pub fn multiplied_dtype(dtype: GgmlDType) -> bool {
+    matches!(
+        dtype,
+        GgmlDType::Q4K | GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q5K | GgmlDType::Q6K
+    )
+}
+
+/// Whether [`matmul`] handles this weight (CPU storage, a [`multiplied_dtype`], 2D).
 pub fn supports(q: &QTensor) -> bool {
-    matches!(q.device(), Device::Cpu) && supported_dtype(q.dtype()) && q.shape().rank() == 2
+    matches!(q.device(), Device::Cpu) && multiplied_dtype(q.dtype()) && q.shape().rank() == 2
 }
 
 /// `dst[m, n] = lhs[m, k] · Wᵀ` for a quantized `W [n, k]` (see [`supports`]).
@@ -82,6 +93,27 @@ pub fn matmul(q: &QTensor, lhs: &[f32], m: usize, dst: &mut [f32]) -> CResult<()
             lhs,
             dst,
             (each_row::<BlockQ8_0>, GEMM_MIN_ROWS),
+        ),
+        GgmlDType::Q4_0 => run(
+            cast_blocks(&bytes)?,
+            (m, k, n),
+            lhs,
+            dst,
+            (each_row::<BlockQ4_0>, GEMM_MIN_ROWS),
+        ),
+        GgmlDType::Q5K => run(
+            cast_blocks(&bytes)?,
+            (m, k, n),
+            lhs,
+            dst,
+            (each_row::<BlockQ5K>, GEMM_MIN_ROWS),
+        ),
+        GgmlDType::Q6K => run(
+            cast_blocks(&bytes)?,
+            (m, k, n),
+            lhs,
+            dst,
+            (each_row::<BlockQ6K>, GEMM_MIN_ROWS),
         ),
         other => candle_core::bail!("qmm: unsupported block type {other:?}"),
     }
