@@ -192,7 +192,12 @@ fn an_empty_shard_serves_health_and_metrics_and_refuses_foreign_sources() {
     let (mine, theirs) = split(&pool, k, n);
     let events = d.join("events.jsonl");
     let shard = format!("{k}/{n}");
+    // Synthetic sources over the API need their scheme listed.
+    let config = d.join("shard.toml");
+    std::fs::write(&config, "[http]\napi_schemes = [\"test\"]\n").unwrap();
     let mut s = serve(&[
+        "--config",
+        config.to_str().unwrap(),
         "--no-model",
         "--shard",
         &shard,

@@ -28,7 +28,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Vec<u8>
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
@@ -509,8 +509,13 @@ const IMG_HASH: &str = "(name) => { const i = document.querySelector(`[data-sour
 fn page_follows_a_real_run_frames_meters_and_sources_coming_and_going() {
     let dir = tmpdir("page-run");
     let events = dir.join("events.jsonl");
+    // The test adds a synthetic source over the API, which the default schemes refuse.
+    let config = dir.join("page.toml");
+    std::fs::write(&config, "[http]\napi_schemes = [\"test\"]\n").unwrap();
     let mut child = spawn_run(
         &[
+            "--config",
+            config.to_str().unwrap(),
             "--listen",
             "127.0.0.1:0",
             "--no-model",
