@@ -68,13 +68,19 @@ pub enum RunError {
 pub struct RunReport {
     pub states: Vec<(String, SourceState)>,
     pub failures: Vec<String>,
+    /// The events file could not be written (disk full...): what was produced is not all
+    /// on disk, which a script must learn from the exit code.
+    pub events_lost: bool,
 }
 
 impl RunReport {
-    /// 2 when no source could run, 0 otherwise (failed sources are `error` events).
+    /// 2 when no source could run, 1 when events could not be written, 0 otherwise (failed
+    /// sources are `error` events).
     pub fn exit_code(&self) -> u8 {
         if !self.states.is_empty() && self.states.iter().all(|(_, s)| *s == SourceState::Failed) {
             2
+        } else if self.events_lost {
+            1
         } else {
             0
         }
@@ -967,11 +973,16 @@ pub fn run_with(
         }
     }
     events.flush();
-    if let Some(e) = events.write_error() {
+    let write_error = events.write_error();
+    if let Some(e) = &write_error {
         failures.push(format!("events {}: {e}", cfg.run.events));
     }
     outputs.stop();
-    Ok(RunReport { states, failures })
+    Ok(RunReport {
+        states,
+        failures,
+        events_lost: write_error.is_some(),
+    })
 }
 
 #[cfg(test)]

@@ -125,3 +125,27 @@ fn unreachable_host_gives_up_and_one_bad_source_does_not_stop_others() {
     assert_eq!(of_kind(&events, "bad", "error").len(), 1);
     assert_eq!(summary(&events, "good")["final_state"], "eos");
 }
+
+#[test]
+fn a_full_disk_for_events_exits_1_naming_the_file() {
+    // /dev/full fails every write with ENOSPC, as a full disk does.
+    let out = std::process::Command::new(percept_bin())
+        .args([
+            "run",
+            "--no-model",
+            "--no-http",
+            "--events",
+            "/dev/full",
+            "--source",
+            "a=test:?duration=2&live=false",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("percept: events /dev/full:") && l.contains("space")),
+        "{err}"
+    );
+}
