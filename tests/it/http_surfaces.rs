@@ -868,7 +868,8 @@ fn render_page(chromium: &str) -> Rendered {
             cdp.eval(
                 "document.body.innerText.includes('Is someone at the door?') \
                  && document.body.innerText.includes('A courier waits') \
-                 && document.querySelector('[data-source=door] img').naturalWidth > 0",
+                 && document.querySelector('[data-source=door] img').naturalWidth > 0 \
+                 && document.querySelector('[data-source=meeting] .badge.running') !== null",
             ) == Value::Bool(true)
         });
         let dom = cdp
