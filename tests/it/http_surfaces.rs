@@ -860,18 +860,24 @@ fn render_page(chromium: &str) -> Rendered {
         emit_all();
         let mut last = Instant::now();
 
-        wait_long("the events and the frame to render", || {
-            if last.elapsed() > Duration::from_secs(3) {
-                emit_all();
-                last = Instant::now();
-            }
-            cdp.eval(
-                "document.body.innerText.includes('Is someone at the door?') \
+        wait_long(
+            "the events, the frame and the source list to render",
+            || {
+                if last.elapsed() > Duration::from_secs(3) {
+                    emit_all();
+                    last = Instant::now();
+                }
+                cdp.eval(
+                    "document.body.innerText.includes('Is someone at the door?') \
                  && document.body.innerText.includes('A courier waits') \
                  && document.querySelector('[data-source=door] img').naturalWidth > 0 \
-                 && document.querySelector('[data-source=meeting] .badge.running') !== null",
-            ) == Value::Bool(true)
-        });
+                 && document.querySelector('[data-source=meeting] .badge.running') !== null \
+                 && document.body.innerText.includes('task: watch | Is someone at the door?') \
+                 && document.body.innerText.includes('Welcome everyone to the weekly review.') \
+                 && document.body.innerText.includes('a person in a red coat by the door')",
+                ) == Value::Bool(true)
+            },
+        );
         let dom = cdp
             .eval("document.documentElement.outerHTML")
             .as_str()
