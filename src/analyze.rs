@@ -87,6 +87,20 @@ impl Analyzed {
             failed: Some(why),
         }
     }
+
+    /// How a finished recording went, for the one line `percept analyze` prints about it.
+    pub fn outcome(&self) -> String {
+        if self.skipped {
+            "already analysed".to_string()
+        } else if let Some(t) = self.resumed_from {
+            format!(
+                "resumed at {t:.1} s, {} transcript lines",
+                self.transcript_windows
+            )
+        } else {
+            format!("{} transcript lines", self.transcript_windows)
+        }
+    }
 }
 
 /// Recordings found, and folders that could not be read with the reason.

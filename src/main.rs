@@ -313,16 +313,7 @@ fn cmd_analyze(args: AnalyzeArgs) -> ExitCode {
                     failed.push(format!("{}: {why}", a.recording.display()));
                     continue;
                 }
-                let how = if a.skipped {
-                    "already analysed".to_string()
-                } else if let Some(t) = a.resumed_from {
-                    format!(
-                        "resumed at {t:.1} s, {} transcript lines",
-                        a.transcript_windows
-                    )
-                } else {
-                    format!("{} transcript lines", a.transcript_windows)
-                };
+                let how = a.outcome();
                 eprintln!(
                     "percept: {} -> {} ({how})",
                     a.recording.display(),

@@ -692,16 +692,7 @@ fn run_job(
                 tracing::warn!(id = %job.id, "The job was taken over before its acknowledgement; its folder is complete.");
             }
             report.done += 1;
-            let how = if a.skipped {
-                "already analysed".to_string()
-            } else if let Some(t) = a.resumed_from {
-                format!(
-                    "resumed at {t:.1} s, {} transcript lines",
-                    a.transcript_windows
-                )
-            } else {
-                format!("{} transcript lines", a.transcript_windows)
-            };
+            let how = a.outcome();
             eprintln!(
                 "percept: {} -> {} ({how}; job {} by {})",
                 a.recording.display(),
