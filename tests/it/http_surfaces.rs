@@ -4,7 +4,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -652,85 +651,10 @@ fn test_frame(t: f64) -> Arc<VideoFrame> {
     })
 }
 
-fn chromium() -> Option<&'static str> {
-    let found = Command::new("chromium")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if found {
-        return Some("chromium");
-    }
-    assert!(
-        std::env::var_os("PERCEPT_REQUIRE_CHROMIUM").is_none(),
-        "PERCEPT_REQUIRE_CHROMIUM is set but `chromium` cannot be run"
-    );
-    eprintln!("SKIPPED: `chromium` is not installed (Debian: apt-get install chromium)");
-    None
-}
-
-/// A minimal DevTools protocol client over the page's WebSocket.
-struct Cdp {
-    ws: tungstenite::WebSocket<TcpStream>,
-    next_id: u64,
-}
-
-impl Cdp {
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let msg = serde_json::json!({ "id": id, "method": method, "params": params });
-        self.ws
-            .send(tungstenite::Message::Text(msg.to_string().into()))
-            .unwrap();
-        loop {
-            if let tungstenite::Message::Text(t) = self.ws.read().expect("devtools reply") {
-                let v: Value = serde_json::from_str(t.as_str()).unwrap();
-                if v["id"] == id {
-                    assert!(v.get("error").is_none(), "{method}: {v}");
-                    return v["result"].clone();
-                }
-            }
-        }
-    }
-
-    fn eval(&mut self, expr: &str) -> Value {
-        let r = self.call(
-            "Runtime.evaluate",
-            serde_json::json!({ "expression": expr, "returnByValue": true }),
-        );
-        r["result"]["value"].clone()
-    }
-}
-
-/// `GET` on Chromium's DevTools HTTP endpoint (it answers with a Content-Length).
-fn devtools_get(port: u16, path: &str) -> Value {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
-    let mut reader = BufReader::new(s);
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    serde_json::from_slice(&body).unwrap()
-}
-
-/// What Chromium rendered: the DOM once the live events show, and a 1024x768 PNG of it.
+/// What Chromium rendered: the DOM once the live events show, and a 1024x768 screenshot.
 struct Rendered {
     dom: String,
-    png: Vec<u8>,
+    img: image::RgbImage,
 }
 
 /// Two sources (one with a frame) behind a fake control; once the page subscribes to the feed
@@ -739,7 +663,7 @@ struct Rendered {
 /// Driven over the DevTools protocol rather than `--dump-dom`/`--screenshot`: those wait for
 /// the network to go idle under `--virtual-time-budget`, and a live SSE feed never does (they
 /// hang), while without the budget they capture the page before any event arrived.
-fn render_page(chromium: &str) -> Rendered {
+fn render_page() -> Option<Rendered> {
     let ctl = FakeControl::with(vec![
         SourceInfo {
             questions: vec!["Is someone at the door?".into()],
@@ -753,153 +677,82 @@ fn render_page(chromium: &str) -> Rendered {
         .describe_frame("door", 6.0, "A grey door with a dark square window.");
     let dir = crate::common::tmpdir("chromium");
     let url = format!("http://{}/", r.server.addr);
-    let mut child = Command::new(chromium)
-        .args([
-            "--headless",
-            "--disable-gpu",
-            "--no-sandbox",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
-            "--hide-scrollbars",
-            "--window-size=1024,768",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", dir.join("profile").display()))
-        .arg(&url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start chromium");
-    // Chromium says where DevTools listens on stderr; keep draining it so it never blocks.
-    let stderr = child.stderr.take().unwrap();
-    let (port_tx, port_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("DevTools listening on ws://127.0.0.1:") {
-                let port: u16 = rest.split('/').next().unwrap().parse().unwrap();
-                let _ = port_tx.send(port);
-            }
-        }
-    });
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let port = port_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("chromium's DevTools port");
-        let until = Instant::now() + Duration::from_secs(60);
-        let ws_url = loop {
-            let pages = devtools_get(port, "/json/list");
-            let page =
-                pages.as_array().unwrap().iter().find(|p| {
-                    p["type"] == "page" && p["url"].as_str().unwrap_or("").starts_with(&url)
-                });
-            if let Some(p) = page {
-                break p["webSocketDebuggerUrl"].as_str().unwrap().to_string();
-            }
-            assert!(Instant::now() < until, "no page in {pages}");
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let (ws, _) = tungstenite::client::client(ws_url.as_str(), stream).expect("devtools");
-        let mut cdp = Cdp { ws, next_id: 0 };
-        // The window's size includes browser UI; the viewport is what gets captured.
-        cdp.call(
-            "Emulation.setDeviceMetricsOverride",
-            serde_json::json!({ "width": 1024, "height": 768, "deviceScaleFactor": 1, "mobile": false }),
-        );
+    let mut b = crate::browser::Browser::launch(&url, &dir)?;
+    b.viewport(1024, 768, false);
+    // The page's own EventSource is the only subscriber.
+    wait_long("the page to subscribe", || r.events.subscribers() >= 2);
+    // As the run loop would: the board and the feed agree on the new state.
+    ctl.sources.lock().unwrap()[1].state = Some(SourceState::Running);
+    // Emitted again every few seconds until the page shows them: on a loaded machine the
+    // page may build its source cards (from /v1/sources) after its feed has connected,
+    // and it does not replay events it got before a card existed.
+    let emit_all = || {
+        r.events.emit(Event::new(
+            "meeting",
+            0.0,
+            None,
+            Body::State {
+                state: SourceState::Running,
+                reason: None,
+                attempt: None,
+                retry_in: None,
+                governor: None,
+                shard: None,
+            },
+        ));
+        r.events.emit(caption(
+            "meeting",
+            "Welcome everyone to the weekly review.",
+            CaptionStatus::Final,
+        ));
+        r.events.emit(caption(
+            "meeting",
+            "<b id=\"evil\">not markup</b>",
+            CaptionStatus::Partial,
+        ));
+        r.events.emit(Event::new(
+            "door",
+            6.0,
+            None,
+            Body::Description {
+                text: "A courier waits at the grey door.".into(),
+                frames: 1,
+                soft_tokens: 280,
+                model_ms: 850.0,
+                batch: 1,
+                latency_ms: 900.0,
+            },
+        ));
+        r.events.emit(alert("door", "Is someone at the door?"));
+    };
+    emit_all();
+    let mut last = Instant::now();
 
-        // The page's own EventSource is the only subscriber.
-        wait_long("the page to subscribe", || r.events.subscribers() >= 2);
-        // As the run loop would: the board and the feed agree on the new state.
-        ctl.sources.lock().unwrap()[1].state = Some(SourceState::Running);
-        // Emitted again every few seconds until the page shows them: on a loaded machine the
-        // page may build its source cards (from /v1/sources) after its feed has connected,
-        // and it does not replay events it got before a card existed.
-        let emit_all = || {
-            r.events.emit(Event::new(
-                "meeting",
-                0.0,
-                None,
-                Body::State {
-                    state: SourceState::Running,
-                    reason: None,
-                    attempt: None,
-                    retry_in: None,
-                    governor: None,
-                    shard: None,
-                },
-            ));
-            r.events.emit(caption(
-                "meeting",
-                "Welcome everyone to the weekly review.",
-                CaptionStatus::Final,
-            ));
-            r.events.emit(caption(
-                "meeting",
-                "<b id=\"evil\">not markup</b>",
-                CaptionStatus::Partial,
-            ));
-            r.events.emit(Event::new(
-                "door",
-                6.0,
-                None,
-                Body::Description {
-                    text: "A courier waits at the grey door.".into(),
-                    frames: 1,
-                    soft_tokens: 280,
-                    model_ms: 850.0,
-                    batch: 1,
-                    latency_ms: 900.0,
-                },
-            ));
-            r.events.emit(alert("door", "Is someone at the door?"));
-        };
-        emit_all();
-        let mut last = Instant::now();
-
-        wait_long(
-            "the events, the frame and the source list to render",
-            || {
-                if last.elapsed() > Duration::from_secs(3) {
-                    emit_all();
-                    last = Instant::now();
-                }
-                cdp.eval(
-                    "document.body.innerText.includes('Is someone at the door?') \
+    wait_long(
+        "the events, the frame and the source list to render",
+        || {
+            if last.elapsed() > Duration::from_secs(3) {
+                emit_all();
+                last = Instant::now();
+            }
+            b.eval(
+                "document.body.innerText.includes('Is someone at the door?') \
                  && document.body.innerText.includes('A courier waits') \
                  && document.querySelector('[data-source=door] img').naturalWidth > 0 \
                  && document.querySelector('[data-source=meeting] .badge.running') !== null \
                  && document.body.innerText.includes('task: watch | Is someone at the door?') \
                  && document.body.innerText.includes('Welcome everyone to the weekly review.') \
                  && document.body.innerText.includes('a person in a red coat by the door')",
-                ) == Value::Bool(true)
-            },
-        );
-        let dom = cdp
-            .eval("document.documentElement.outerHTML")
-            .as_str()
-            .unwrap()
-            .to_string();
-        let shot = cdp.call(
-            "Page.captureScreenshot",
-            serde_json::json!({ "format": "png" }),
-        );
-        use base64::Engine as _;
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(shot["data"].as_str().unwrap())
-            .unwrap();
-        std::fs::write(dir.join("page.png"), &png).unwrap();
-        Rendered { dom, png }
-    }));
-    let _ = child.kill();
-    let _ = child.wait();
-    match result {
-        Ok(r) => r,
-        Err(p) => std::panic::resume_unwind(p),
-    }
+            ) == Value::Bool(true)
+        },
+    );
+    let dom = b
+        .eval("document.documentElement.outerHTML")
+        .as_str()
+        .unwrap()
+        .to_string();
+    let img = b.screenshot(&dir.join("page.png"));
+    Some(Rendered { dom, img })
 }
 
 fn wait_long(what: &str, mut ok: impl FnMut() -> bool) {
@@ -912,8 +765,7 @@ fn wait_long(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[test]
 fn page_renders_live_events_in_headless_chromium() {
-    let Some(chromium) = chromium() else { return };
-    let page = render_page(chromium);
+    let Some(page) = render_page() else { return };
     let dom = &page.dom;
     for text in [
         "Welcome everyone to the weekly review.",
@@ -936,9 +788,7 @@ fn page_renders_live_events_in_headless_chromium() {
     assert!(!dom.contains("<b id=\"evil\">"), "{dom}");
 
     // The screenshot: right size, and a rendered page rather than a blank or error page.
-    let img = image::load_from_memory(&page.png)
-        .expect("decode screenshot")
-        .to_rgb8();
+    let img = &page.img;
     assert_eq!((img.width(), img.height()), (1024, 768));
     let background = image::Rgb([0xf3, 0xf4, 0xf6]);
     let header = image::Rgb([0x1f, 0x29, 0x37]);
