@@ -559,7 +559,24 @@ pub fn tokenizer_json(f: &GgufFile) -> Result<serde_json::Value, LoadError> {
         .and_then(|i| toks.get(i as usize))
         .copied()
         .unwrap_or("<unk>");
-    Ok(serde_json::json!({
+    Ok(gemma_bpe_tokenizer_json(
+        added,
+        unk,
+        serde_json::Value::Object(vocab),
+        serde_json::json!(merges),
+    ))
+}
+
+/// A `tokenizer.json` of Gemma 4's form (SentencePiece-style BPE: spaces as `▁`, byte
+/// fallback) around the given added tokens, unknown token, vocabulary and merges. The GGUF
+/// loader rebuilds the real tokenizer with it; the tiny test checkpoints are written with it.
+pub fn gemma_bpe_tokenizer_json(
+    added: Vec<serde_json::Value>,
+    unk: &str,
+    vocab: serde_json::Value,
+    merges: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -576,7 +593,7 @@ pub fn tokenizer_json(f: &GgufFile) -> Result<serde_json::Value, LoadError> {
             "continuing_subword_prefix": null, "end_of_word_suffix": null,
             "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
             "vocab": vocab, "merges": merges}
-    }))
+    })
 }
 
 /// The GGUF files that make up one model: the text GGUF and its projector, if any.

@@ -195,24 +195,12 @@ pub fn tiny_tokenizer_json() -> String {
                 "rstrip": false, "normalized": false, "special": true})
         })
         .collect();
-    let j = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
-        "pre_tokenizer": null,
-        "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"}
-        ]},
-        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
-            "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-            "vocab": vmap, "merges": []}
-    });
+    let j = super::gguf_model::gemma_bpe_tokenizer_json(
+        added,
+        "<unk>",
+        serde_json::json!(vmap),
+        serde_json::json!([]),
+    );
     j.to_string()
 }
 
