@@ -36,7 +36,7 @@ if chroot "$ROOT" dpkg-query -W -f '${Package}\n' | grep -E -- '-dev$|^(gcc|g\+\
   echo "debootstrap-check: FAIL: build packages in the runtime set" >&2; exit 1
 fi
 install -D -m 0755 "$BIN" "$ROOT/usr/local/bin/percept"
-rm -rf "$ROOT/fixture" && mkdir -p "$ROOT/fixture" && cp -r tests/fixtures/gemma4/model "$ROOT/fixture/model"
+rm -rf "$ROOT/fixture" && mkdir -p "$ROOT/fixture" && cp -r crates/gemma4/tests/fixtures/gemma4/model "$ROOT/fixture/model"
 missing=$(chroot "$ROOT" ldd /usr/local/bin/percept | grep 'not found' || true)
 [ -z "$missing" ] || { echo "debootstrap-check: FAIL: unresolved libraries:"; echo "$missing"; exit 1; } >&2
 echo "== ldd: every library resolved ($(chroot "$ROOT" ldd /usr/local/bin/percept | wc -l) libraries)"

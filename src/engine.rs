@@ -9,15 +9,15 @@ use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
 use crate::control::{LiveBoard, ModelStatus};
+use crate::ingest::VideoFrame;
 use crate::lock;
 use crate::metrics::Metrics;
 use crate::model::generate::{Request, Sampling};
 use crate::model::layers::Quant;
 use crate::model::media::TowerEncoder;
-use crate::model::multimodal::SoftTokens;
+use crate::model::prompt::Prompt;
 use crate::model::text::LoadOptions;
-use crate::model::tokenizer::{ChatContent, ChatMessage, MediaItem};
-use crate::model::Gemma4;
+use crate::model::{Gemma4, ModelError};
 use crate::preprocess::image::RgbImage;
 use crate::tasks::dispatch::{Dispatch, ModelGate};
 use crate::tasks::{Answer, Job, SourceTask};
@@ -199,9 +199,12 @@ impl Engine {
     }
 
     fn load(&self) -> Result<Gemma4, String> {
-        let quant = <Quant as clap::ValueEnum>::from_str(&self.cfg.quant, true)
-            .map_err(|e| format!("quant '{}': {e}", self.cfg.quant))?;
-        let (device, dtype) = crate::model::cli::default_device().map_err(|e| format!("{e:#}"))?;
+        let quant = self
+            .cfg
+            .quant
+            .parse::<Quant>()
+            .map_err(|e| format!("quant: {e}"))?;
+        let (device, dtype) = crate::model_cli::default_device().map_err(|e| format!("{e:#}"))?;
         let opts = LoadOptions {
             device,
             dtype,
@@ -300,61 +303,36 @@ pub fn build_request(model: &Gemma4, enc: &TowerEncoder, job: &Job) -> Result<Re
         .tokenizer
         .as_ref()
         .ok_or("the model has no tokenizer")?;
-    let mut content = Vec::new();
-    let mut media = Vec::new();
-    let mut soft = SoftTokens::default();
+    let rgb = |f: &VideoFrame| RgbImage::new(f.width as usize, f.height as usize, f.rgb.clone());
+    let err = |e: ModelError| e.to_string();
+    let mut prompt = Prompt::new();
     if let Some(f) = &job.frame {
-        let img = RgbImage::new(f.width as usize, f.height as usize, f.rgb.clone());
         let t = enc
-            .encode_rgb(model, &img, job.soft_tokens)
-            .map_err(|e| e.to_string())?;
-        media.push(MediaItem::Image {
-            tokens: t.dim(0).map_err(|e| e.to_string())?,
-        });
-        soft.images.push(t);
-        content.push(ChatContent::Image);
+            .encode_rgb(model, &rgb(f), job.soft_tokens)
+            .map_err(err)?;
+        prompt.image(t).map_err(err)?;
     }
     if !job.video.is_empty() {
-        let mut stamps = Vec::with_capacity(job.video.len());
-        let mut per_frame = 0;
+        let mut frames = Vec::with_capacity(job.video.len());
         for f in &job.video {
-            let img = RgbImage::new(f.width as usize, f.height as usize, f.rgb.clone());
-            let t = enc
-                .encode_rgb(model, &img, job.soft_tokens)
-                .map_err(|e| e.to_string())?;
-            per_frame = t.dim(0).map_err(|e| e.to_string())?;
-            soft.videos.push(t);
-            // Stamps relative to the window start, as the reference's video processor does.
-            stamps.push(f.t - job.t);
+            frames.push(
+                enc.encode_rgb(model, &rgb(f), job.soft_tokens)
+                    .map_err(err)?,
+            );
         }
-        media.push(MediaItem::Video {
-            tokens_per_frame: per_frame,
-            timestamps_s: stamps,
-        });
-        content.push(ChatContent::Video);
+        // Stamps relative to the window start, as the reference's video processor does.
+        let stamps = job.video.iter().map(|f| f.t - job.t).collect();
+        prompt.video(frames, stamps).map_err(err)?;
     }
     if let Some(a) = &job.audio {
-        let t = enc.encode_samples(model, a).map_err(|e| e.to_string())?;
-        media.push(MediaItem::Audio {
-            tokens: t.dim(0).map_err(|e| e.to_string())?,
-        });
-        soft.audios.push(t);
-        content.push(ChatContent::Audio);
+        prompt
+            .audio(enc.encode_samples(model, a).map_err(err)?)
+            .map_err(err)?;
     }
-    content.push(ChatContent::Text(job.prompt.clone()));
-    let rendered = tok
-        .render_chat(&[ChatMessage::user(content)], true, false)
-        .map_err(|e| e.to_string())?;
-    let prompt = tok
-        .expand_media(&rendered, &media)
-        .map_err(|e| e.to_string())?;
-    let input_ids = tok.encode(&prompt).map_err(|e| e.to_string())?;
-    Ok(Request {
-        input_ids,
-        soft,
-        max_new_tokens: job.max_tokens,
-        sampling: Sampling::default(),
-    })
+    prompt.text(&job.prompt);
+    prompt
+        .request(tok, job.max_tokens, Sampling::default())
+        .map_err(err)
 }
 
 /// Panicking steps in a row (no good step between them) after which the model is given up

@@ -4,11 +4,12 @@
 //! Data flow, top to bottom: [`source`] (what to open) -> [`ingest`] (graphs, supervision) ->
 //! [`queue`] (bounded, counted) -> [`worker`] (analysis: [`signal`]) -> [`sink`] (events) ->
 //! [`http`] / [`metrics`]. The worker hands frames and chunks to per-source [`tasks`]
-//! (gates, governor), whose jobs the [`engine`] answers in batches with the Gemma 4 [`model`].
+//! (gates, governor), whose jobs the [`engine`] answers in batches with the Gemma 4 [`model`] (the `gemma4`
+//! crate). `percept bench` lives in [`bench`].
 
 pub mod analyze;
+pub mod bench;
 pub mod caption;
-pub mod clip_bench;
 pub mod config;
 pub mod control;
 pub mod engine;
@@ -17,9 +18,7 @@ pub mod fleet;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
-pub mod model;
-pub mod pipeline_bench;
-pub mod preprocess;
+pub mod model_cli;
 pub mod progress;
 pub mod queue;
 pub mod report;
@@ -30,6 +29,10 @@ pub mod source;
 pub mod tasks;
 pub mod testsrc;
 pub mod worker;
+
+/// The Gemma 4 model (the `gemma4` crate), as percept's modules reach it.
+pub use gemma4 as model;
+pub use gemma4::preprocess;
 
 /// Locks a mutex, recovering from poisoning: the data behind percept's mutexes stays valid
 /// when a holder panics (counters, slots, boards), so one panic must not cascade.

@@ -32,7 +32,7 @@ enum Command {
     },
     /// Inspect or run a Gemma 4 checkpoint.
     #[command(subcommand)]
-    Model(percept::model::cli::ModelCmd),
+    Model(percept::model_cli::ModelCmd),
     /// Benchmarks that need no download.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -129,15 +129,15 @@ struct EnqueueArgs {
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Gemma 4 decoder at real shapes with random weights.
-    Model(percept::model::bench::BenchArgs),
+    Model(percept::bench::model::BenchArgs),
     /// The live pipeline with a random-weight model at the real shape, for 1, 2, 4 sources.
-    Pipeline(percept::pipeline_bench::PipelineBenchArgs),
+    Pipeline(percept::bench::pipeline::PipelineBenchArgs),
     /// `percept analyze` of a 5-minute 1 fps clip with its audio, random weights at the real
     /// shape (default the 12B at q4k): wall time, peak RSS, frames and audio analysed.
-    Clip(percept::clip_bench::ClipBenchArgs),
+    Clip(percept::bench::clip::ClipBenchArgs),
     /// Cost of q8_0/q4k against f32: top-1 agreement and KL per modality (text, image,
     /// audio), on checkpoints and on random weights at the real 12B widths.
-    Quant(percept::model::quant_study::QuantArgs),
+    Quant(percept::bench::quant_study::QuantArgs),
 }
 
 #[derive(Subcommand)]
@@ -187,11 +187,11 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { files },
         } => cmd_config_check(&files),
-        Command::Model(m) => report(percept::model::cli::run(m, None)),
-        Command::Bench(BenchCmd::Model(b)) => report(percept::model::bench::run(&b)),
-        Command::Bench(BenchCmd::Pipeline(b)) => report(percept::pipeline_bench::run(&b)),
-        Command::Bench(BenchCmd::Clip(b)) => report(percept::clip_bench::run(&b)),
-        Command::Bench(BenchCmd::Quant(b)) => report(percept::model::quant_study::run(&b)),
+        Command::Model(m) => report(percept::model_cli::run(m, None)),
+        Command::Bench(BenchCmd::Model(b)) => report(percept::bench::model::run(&b)),
+        Command::Bench(BenchCmd::Pipeline(b)) => report(percept::bench::pipeline::run(&b)),
+        Command::Bench(BenchCmd::Clip(b)) => report(percept::bench::clip::run(&b)),
+        Command::Bench(BenchCmd::Quant(b)) => report(percept::bench::quant_study::run(&b)),
         Command::Testsrc { command } => match command {
             TestsrcCommand::Rtsp {
                 port,

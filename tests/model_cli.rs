@@ -4,7 +4,10 @@
 use std::process::Command;
 
 fn fixture_model() -> String {
-    format!("{}/tests/fixtures/gemma4/model", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/crates/gemma4/tests/fixtures/gemma4/model",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 #[test]
@@ -96,7 +99,7 @@ fn run_json(extra: &[&str]) -> serde_json::Value {
 /// The 12 greedy tokens transformers 5.24.0 produced for `case` (cases.json of the fixture).
 fn reference_tokens(case: &str) -> serde_json::Value {
     let path = format!(
-        "{}/tests/fixtures/gemma4/cases.json",
+        "{}/crates/gemma4/tests/fixtures/gemma4/cases.json",
         env!("CARGO_MANIFEST_DIR")
     );
     let cases: serde_json::Value =
@@ -112,7 +115,7 @@ fn reference_tokens(case: &str) -> serde_json::Value {
 
 fn input(name: &str) -> String {
     format!(
-        "{}/tests/fixtures/gemma4/inputs/{name}",
+        "{}/crates/gemma4/tests/fixtures/gemma4/inputs/{name}",
         env!("CARGO_MANIFEST_DIR")
     )
 }
@@ -208,7 +211,7 @@ fn long_audio_is_split_into_30s_clips() {
 
 fn unified_dir() -> String {
     format!(
-        "{}/tests/fixtures/gemma4_unified",
+        "{}/crates/gemma4/tests/fixtures/gemma4_unified",
         env!("CARGO_MANIFEST_DIR")
     )
 }

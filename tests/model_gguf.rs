@@ -1,10 +1,11 @@
 #![allow(clippy::unwrap_used)]
-//! GGUF files written by llama.cpp's own converter (`tests/fixtures/gguf/`, made by
+//! GGUF files written by llama.cpp's own converter (`crates/gemma4/tests/fixtures/gguf/`, made by
 //! `make_gguf_fixtures.py` from the golden tiny checkpoints) against the safetensors path:
 //! the same prompt ids, logits and greedy tokens; Q8_0 blocks bit for bit what percept's
 //! quantizer makes of the same weights; the ways in (file, LM Studio folder, Ollama store);
 //! one-line errors.
 
+#[path = "../crates/gemma4/tests/golden/mod.rs"]
 mod golden;
 
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ use percept::model::tokenizer::MediaItem;
 use percept::model::Gemma4;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/gemma4/tests/fixtures")
 }
 
 fn gguf(name: &str) -> PathBuf {

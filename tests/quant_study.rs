@@ -1,5 +1,5 @@
 //! What quantization costs (`percept bench quant`) and `--keep-f16 projections`, on the
-//! golden fixtures (tests/fixtures/gemma4_unified, tests/fixtures/gemma4).
+//! golden fixtures (crates/gemma4/tests/fixtures/gemma4_unified, .../gemma4).
 //!
 //! The fixtures are tiny (hidden 64): q8_0 quantizes every decoder linear and the token
 //! table (rows of 64 = two 32-blocks), q4k quantizes none of them (a row must fill a
@@ -9,15 +9,15 @@
 
 use std::path::{Path, PathBuf};
 
+use percept::bench::quant_study::{study, study_audio, study_image, StudyRow, StudySource};
 use percept::model::layers::KeepF16;
 use percept::model::media::TowerEncoder;
-use percept::model::quant_study::{study, study_audio, study_image, StudyRow, StudySource};
 use percept::model::text::LoadOptions;
 use percept::model::{Gemma4, Quant};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+        .join("crates/gemma4/tests/fixtures")
         .join(name)
         .join("model")
 }

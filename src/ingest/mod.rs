@@ -22,7 +22,7 @@ use crate::queue::{DropReason, Pushed, QueueTx};
 use crate::sink::Events;
 
 /// Audio handed to the worker is always this rate, mono f32.
-pub const AUDIO_RATE: u32 = 16_000;
+pub const AUDIO_RATE: u32 = crate::model::preprocess::SAMPLE_RATE;
 
 /// One sampled frame, RGB24, tightly packed rows.
 #[derive(Debug, Clone)]

@@ -5,7 +5,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The tiny Gemma 4 checkpoint of the parity fixture (towers, tokenizer, template).
 pub fn fixture_model() -> String {
-    format!("{}/tests/fixtures/gemma4/model", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/crates/gemma4/tests/fixtures/gemma4/model",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 /// `percept run --events EVENTS ARGS...` in the background, stderr piped.

@@ -200,7 +200,7 @@ pub fn decode_one(c: &Case) -> Result<usize, String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let r = std::panic::catch_unwind(|| {
-            percept::ingest::audio_file::decode_mono_16k(&path).map(|s| s.len())
+            percept::model::preprocess::audio_file::decode_mono_16k(&path).map(|s| s.len())
         });
         let _ = tx.send(r);
     });

@@ -1,0 +1,26 @@
+//! A tiny seedable PRNG: sampling in [`crate::generate`] and random weights for benchmarks
+//! and tests (candle's CPU RNG cannot be seeded).
+
+/// splitmix64: a tiny seedable PRNG (candle's CPU RNG cannot be seeded).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [-a, a).
+    pub fn uniform(&mut self, a: f64) -> f32 {
+        ((self.next_f64() * 2.0 - 1.0) * a) as f32
+    }
+}
