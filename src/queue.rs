@@ -54,6 +54,46 @@ impl std::fmt::Display for DropReason {
     }
 }
 
+/// Largest `[queues] budget_mib`, MiB (1 TiB).
+pub const MAX_BUDGET_MIB: f64 = 1024.0 * 1024.0;
+
+/// `[queues]`: the byte budget every source's queues share.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Total bytes queued across all sources' queues, in MiB.
+    pub budget_mib: f64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { budget_mib: 64.0 }
+    }
+}
+
+impl QueueConfig {
+    pub fn budget_bytes(&self) -> usize {
+        (self.budget_mib * 1024.0 * 1024.0) as usize
+    }
+
+    /// Problems with the section, one line each (an infinite or NaN value is reported once,
+    /// by the file-level check in `config.rs`).
+    pub fn validate(&self, p: &mut Vec<String>) {
+        if self.budget_mib.is_nan() || self.budget_mib < 1.0 {
+            p.push(format!(
+                "[queues] budget_mib must be at least 1, got {}",
+                self.budget_mib
+            ));
+        }
+        if self.budget_mib.is_finite() && self.budget_mib > MAX_BUDGET_MIB {
+            p.push(format!(
+                "[queues] budget_mib must be at most {MAX_BUDGET_MIB}, got {}",
+                self.budget_mib
+            ));
+        }
+    }
+}
+
 /// Bytes queued across every queue of the process, against one limit.
 #[derive(Debug)]
 pub struct ByteBudget {

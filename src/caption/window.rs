@@ -16,7 +16,7 @@
 //! Deterministic: the windows depend only on the chunks (times, samples, flags), never on
 //! wall-clock time, so a resumed analysis that replays the same audio cuts the same windows.
 
-use crate::config::CaptionConfig;
+use crate::caption::config::CaptionConfig;
 use crate::ingest::AUDIO_RATE;
 
 /// Non-voice audio kept before the first voice chunk (and after the last one at a pause),

@@ -7,6 +7,7 @@
 
 pub mod audio_file;
 pub mod chunker;
+pub mod config;
 pub mod graph;
 pub mod latest;
 pub mod supervisor;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::graph::{self, GraphParams, Session};
 use super::{audio_file, Feed};
-use crate::config::ReconnectConfig;
 use crate::event::{Body, SourceState};
+use crate::ingest::config::ReconnectConfig;
 use crate::source::{redact_text as redact, SourceKind, SourceSpec};
 
 /// Current state of every source, for `/healthz`.
