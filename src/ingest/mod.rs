@@ -2,14 +2,21 @@
 //! branch and an audio branch that feed bounded queues into the worker.
 //!
 //! Data flow: `supervisor` owns a source's lifecycle and (re)builds its `graph` from
-//! `template`s; the graph's appsinks call into the source's [`Feed`], which timestamps,
-//! chunks and queues media and counts every drop.
+//! `template`s, with one `session` per connection; `keyframe` decides which encoded video
+//! reaches the decoder and `sampler` which decoded frames are kept; the video and audio
+//! `branch`es end in appsinks that call into the source's [`Feed`], which timestamps, chunks
+//! and queues media and counts every drop. `config` holds the `[[source]]`, `[video]`,
+//! `[audio]`, `[reconnect]` and `[watchdog]` sections.
 
 pub mod audio_file;
+mod branch;
 pub mod chunker;
 pub mod config;
 pub mod graph;
+pub mod keyframe;
 pub mod latest;
+pub mod sampler;
+pub mod session;
 pub mod supervisor;
 pub mod template;
 

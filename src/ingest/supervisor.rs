@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::graph::{self, GraphParams, Session};
+use super::graph::{self, GraphParams};
+use super::session::Session;
 use super::{audio_file, Feed};
 use crate::event::{Body, SourceState};
 use crate::ingest::config::ReconnectConfig;
