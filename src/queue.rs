@@ -172,17 +172,17 @@ pub enum Pushed<T> {
     Closed(T),
 }
 
-/// An item in flight with its size in bytes.
-pub struct Slot<T> {
+/// An item in a queue with its size in bytes, which the byte budget accounts for.
+pub struct SizedItem<T> {
     item: T,
     bytes: usize,
 }
 
 /// The producer side, owned by a streaming thread.
 pub struct QueueTx<T> {
-    tx: Sender<Slot<T>>,
+    tx: Sender<SizedItem<T>>,
     // A receiver clone lets the producer evict the oldest item itself (freshest wins).
-    evict: Receiver<Slot<T>>,
+    evict: Receiver<SizedItem<T>>,
     policy: WhenFull,
     budget: Arc<ByteBudget>,
     stats: Arc<QueueStats>,
@@ -191,7 +191,7 @@ pub struct QueueTx<T> {
 
 /// The consumer side, owned by the worker.
 pub struct QueueRx<T> {
-    rx: Receiver<Slot<T>>,
+    rx: Receiver<SizedItem<T>>,
     budget: Arc<ByteBudget>,
     stats: Arc<QueueStats>,
 }
@@ -250,7 +250,7 @@ impl<T> QueueTx<T> {
 
     fn push_open(&self, item: T, bytes: usize) -> Pushed<T> {
         let mut evicted = Vec::new();
-        let mut slot = Slot { item, bytes };
+        let mut entry = SizedItem { item, bytes };
         // Reserve budget first so the total never exceeds it, even for an instant.
         // Once stopping, a push still queues what fits (the worker drains it) but never waits.
         loop {
@@ -258,23 +258,23 @@ impl<T> QueueTx<T> {
                 break;
             }
             if self.stop.load(Ordering::Relaxed) {
-                return Pushed::Closed(slot.item);
+                return Pushed::Closed(entry.item);
             }
             match self.policy {
                 WhenFull::Block => std::thread::sleep(Duration::from_millis(2)),
-                WhenFull::DropNewest => return Pushed::Rejected(slot.item, DropReason::Budget),
+                WhenFull::DropNewest => return Pushed::Rejected(entry.item, DropReason::Budget),
                 WhenFull::DropOldest => match self.evict.try_recv() {
                     Ok(old) => {
                         self.account_out(old.bytes);
                         evicted.push(old.item);
                     }
                     // Our queue is empty: the budget is held by other sources' queues.
-                    Err(_) => return Pushed::Rejected(slot.item, DropReason::Budget),
+                    Err(_) => return Pushed::Rejected(entry.item, DropReason::Budget),
                 },
             }
         }
         loop {
-            match self.tx.try_send(slot) {
+            match self.tx.try_send(entry) {
                 Ok(()) => {
                     self.stats.depth.fetch_add(1, Ordering::Relaxed);
                     self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -289,11 +289,11 @@ impl<T> QueueTx<T> {
                     return Pushed::Closed(s.item);
                 }
                 Err(TrySendError::Full(s)) => {
-                    slot = s;
+                    entry = s;
                     match self.policy {
                         WhenFull::DropNewest => {
                             self.budget.release(bytes);
-                            return Pushed::Rejected(slot.item, DropReason::QueueFull);
+                            return Pushed::Rejected(entry.item, DropReason::QueueFull);
                         }
                         WhenFull::DropOldest => {
                             if let Ok(old) = self.evict.try_recv() {
@@ -304,15 +304,15 @@ impl<T> QueueTx<T> {
                         WhenFull::Block => {
                             if self.stop.load(Ordering::Relaxed) {
                                 self.budget.release(bytes);
-                                return Pushed::Closed(slot.item);
+                                return Pushed::Closed(entry.item);
                             }
-                            match self.tx.send_timeout(slot, BLOCK_POLL) {
+                            match self.tx.send_timeout(entry, BLOCK_POLL) {
                                 Ok(()) => {
                                     self.stats.depth.fetch_add(1, Ordering::Relaxed);
                                     self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
                                     return Pushed::Queued;
                                 }
-                                Err(crossbeam_channel::SendTimeoutError::Timeout(s)) => slot = s,
+                                Err(crossbeam_channel::SendTimeoutError::Timeout(s)) => entry = s,
                                 Err(crossbeam_channel::SendTimeoutError::Disconnected(s)) => {
                                     self.budget.release(bytes);
                                     return Pushed::Closed(s.item);
@@ -346,16 +346,16 @@ impl<T> Drop for QueueRx<T> {
 impl<T> QueueRx<T> {
     /// The channel, for `crossbeam_channel::Select` across many queues. Items received from
     /// it directly must be passed to [`QueueRx::accept`].
-    pub fn receiver(&self) -> &Receiver<Slot<T>> {
+    pub fn receiver(&self) -> &Receiver<SizedItem<T>> {
         &self.rx
     }
 
     /// Account for an item taken out of the channel and return it.
-    pub fn accept(&self, slot: Slot<T>) -> T {
-        self.budget.release(slot.bytes);
+    pub fn accept(&self, entry: SizedItem<T>) -> T {
+        self.budget.release(entry.bytes);
         self.stats.depth.fetch_sub(1, Ordering::Relaxed);
-        self.stats.bytes.fetch_sub(slot.bytes, Ordering::Relaxed);
-        slot.item
+        self.stats.bytes.fetch_sub(entry.bytes, Ordering::Relaxed);
+        entry.item
     }
 
     pub fn try_recv(&self) -> Option<T> {

@@ -15,7 +15,7 @@ use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
 
 use super::chunker::Chunker;
-use super::{Feed, AUDIO_RATE};
+use super::{SourceInput, AUDIO_RATE};
 use crate::preprocess::resample::Resampler;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,6 @@ pub enum AudioFileError {
 /// `round(n * 16000 / rate)` samples.
 pub struct MonoResampler {
     inner: Option<Resampler>,
-    frames_in: u64,
     rate: u32,
 }
 
@@ -52,11 +51,7 @@ impl MonoResampler {
             return Err(AudioFileError::Resample("sample rate 0".into()));
         }
         let inner = (rate != AUDIO_RATE).then(|| Resampler::new(rate, AUDIO_RATE));
-        Ok(MonoResampler {
-            inner,
-            frames_in: 0,
-            rate,
-        })
+        Ok(MonoResampler { inner, rate })
     }
 
     /// The input sample rate.
@@ -75,7 +70,6 @@ impl MonoResampler {
                 .map(|f| f.iter().sum::<f32>() / channels as f32)
                 .collect()
         };
-        self.frames_in += mono.len() as u64;
         match self.inner.as_mut() {
             None => mono,
             Some(r) => {
@@ -85,11 +79,6 @@ impl MonoResampler {
                 out
             }
         }
-    }
-
-    /// The expected output length for the input so far.
-    pub fn expected_len(&self) -> u64 {
-        (self.frames_in as f64 * f64::from(AUDIO_RATE) / f64::from(self.rate)).round() as u64
     }
 
     /// Drain the resampler: the rest of the `round(n * 16000 / rate)` samples.
@@ -327,7 +316,7 @@ pub fn decode_mono_16k(path: &Path) -> Result<Vec<f32>, AudioFileError> {
 
 /// Decode `path` into `feed`. Returns the number of 16 kHz samples delivered.
 pub fn run(
-    feed: &Feed,
+    feed: &SourceInput,
     path: &Path,
     chunk_seconds: f64,
     realtime: bool,

@@ -1,5 +1,5 @@
 //! The two branches a graph ends in: decoded video sampled, scaled to RGB and handed to the
-//! source's [`Feed`](super::Feed) as frames; decoded audio resampled to 16 kHz mono and cut
+//! source's [`SourceInput`](super::SourceInput) as frames; decoded audio resampled to 16 kHz mono and cut
 //! into chunks. Both end in an appsink whose callbacks run on GStreamer streaming threads.
 
 use gstreamer as gst;

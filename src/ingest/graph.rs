@@ -1,6 +1,6 @@
 //! Builds one source's GStreamer graph: the source part from its template, then, as streams
 //! appear, a decoder per elementary stream and the video and audio branches
-//! ([`super::branch`]) that end in appsinks feeding the source's [`Feed`](super::Feed). One
+//! ([`super::branch`]) that end in appsinks feeding the source's [`SourceInput`](super::SourceInput). One
 //! [`Session`] per (re)connection holds the per-connection state.
 
 use gstreamer as gst;

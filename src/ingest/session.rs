@@ -9,12 +9,12 @@ use super::chunker::Chunker;
 use super::graph::GraphParams;
 use super::keyframe::KeyframeGate;
 use super::sampler::Sampler;
-use super::Feed;
+use super::SourceInput;
 use crate::lock;
 
 /// Per-connection state shared by the graph's streaming threads.
 pub struct Session {
-    pub feed: Arc<Feed>,
+    pub feed: Arc<SourceInput>,
     pub(super) params: GraphParams,
     /// Media seconds at running time 0 of this connection.
     offset: f64,
@@ -33,7 +33,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(feed: Arc<Feed>, params: GraphParams, offset: f64) -> Arc<Session> {
+    pub fn new(feed: Arc<SourceInput>, params: GraphParams, offset: f64) -> Arc<Session> {
         Arc::new(Session {
             feed,
             offset,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::graph::{self, GraphParams};
 use super::session::Session;
-use super::{audio_file, Feed};
+use super::{audio_file, SourceInput};
 use crate::event::{Body, SourceState};
 use crate::ingest::config::ReconnectConfig;
 use crate::source::{redact_text as redact, SourceKind, SourceSpec};
@@ -65,7 +65,7 @@ pub struct Supervisor {
     pub reconnect: ReconnectConfig,
     pub stall_seconds: f64,
     pub realtime: bool,
-    pub feed: Arc<Feed>,
+    pub feed: Arc<SourceInput>,
     pub stop: Arc<AtomicBool>,
     pub board: Arc<StateBoard>,
 }
