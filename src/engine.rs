@@ -3,6 +3,8 @@
 //! sources from the dispatch, encodes their media with the model's own towers, runs one
 //! batched generation and hands each answer back to its source's task.
 
+pub mod config;
+
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::SourceConfig;
-use crate::ingest::Feed;
+use crate::ingest::SourceInput;
 use crate::source::{self, SourceKind};
 
 pub struct Progress {
@@ -18,11 +18,11 @@ pub struct Progress {
 
 impl Progress {
     /// Starts only when stderr is a terminal and some sources are files.
-    pub fn start(feeds: &[Arc<Feed>], sources: &[SourceConfig]) -> Option<Progress> {
+    pub fn start(feeds: &[Arc<SourceInput>], sources: &[SourceConfig]) -> Option<Progress> {
         if !std::io::stderr().is_terminal() {
             return None;
         }
-        let files: Vec<Arc<Feed>> = feeds
+        let files: Vec<Arc<SourceInput>> = feeds
             .iter()
             .zip(sources)
             .filter(|(_, s)| {
@@ -40,7 +40,7 @@ impl Progress {
         let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {msg} ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
-        let bars: Vec<(Arc<Feed>, ProgressBar)> = files
+        let bars: Vec<(Arc<SourceInput>, ProgressBar)> = files
             .into_iter()
             .map(|f| {
                 let b = multi.add(ProgressBar::new(1));

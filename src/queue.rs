@@ -54,6 +54,46 @@ impl std::fmt::Display for DropReason {
     }
 }
 
+/// Largest `[queues] budget_mib`, MiB (1 TiB).
+pub const MAX_BUDGET_MIB: f64 = 1024.0 * 1024.0;
+
+/// `[queues]`: the byte budget every source's queues share.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Total bytes queued across all sources' queues, in MiB.
+    pub budget_mib: f64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { budget_mib: 64.0 }
+    }
+}
+
+impl QueueConfig {
+    pub fn budget_bytes(&self) -> usize {
+        (self.budget_mib * 1024.0 * 1024.0) as usize
+    }
+
+    /// Problems with the section, one line each (an infinite or NaN value is reported once,
+    /// by the file-level check in `config.rs`).
+    pub fn validate(&self, p: &mut Vec<String>) {
+        if self.budget_mib.is_nan() || self.budget_mib < 1.0 {
+            p.push(format!(
+                "[queues] budget_mib must be at least 1, got {}",
+                self.budget_mib
+            ));
+        }
+        if self.budget_mib.is_finite() && self.budget_mib > MAX_BUDGET_MIB {
+            p.push(format!(
+                "[queues] budget_mib must be at most {MAX_BUDGET_MIB}, got {}",
+                self.budget_mib
+            ));
+        }
+    }
+}
+
 /// Bytes queued across every queue of the process, against one limit.
 #[derive(Debug)]
 pub struct ByteBudget {
@@ -132,17 +172,17 @@ pub enum Pushed<T> {
     Closed(T),
 }
 
-/// An item in flight with its size in bytes.
-pub struct Slot<T> {
+/// An item in a queue with its size in bytes, which the byte budget accounts for.
+pub struct SizedItem<T> {
     item: T,
     bytes: usize,
 }
 
 /// The producer side, owned by a streaming thread.
 pub struct QueueTx<T> {
-    tx: Sender<Slot<T>>,
+    tx: Sender<SizedItem<T>>,
     // A receiver clone lets the producer evict the oldest item itself (freshest wins).
-    evict: Receiver<Slot<T>>,
+    evict: Receiver<SizedItem<T>>,
     policy: WhenFull,
     budget: Arc<ByteBudget>,
     stats: Arc<QueueStats>,
@@ -151,7 +191,7 @@ pub struct QueueTx<T> {
 
 /// The consumer side, owned by the worker.
 pub struct QueueRx<T> {
-    rx: Receiver<Slot<T>>,
+    rx: Receiver<SizedItem<T>>,
     budget: Arc<ByteBudget>,
     stats: Arc<QueueStats>,
 }
@@ -210,7 +250,7 @@ impl<T> QueueTx<T> {
 
     fn push_open(&self, item: T, bytes: usize) -> Pushed<T> {
         let mut evicted = Vec::new();
-        let mut slot = Slot { item, bytes };
+        let mut entry = SizedItem { item, bytes };
         // Reserve budget first so the total never exceeds it, even for an instant.
         // Once stopping, a push still queues what fits (the worker drains it) but never waits.
         loop {
@@ -218,23 +258,23 @@ impl<T> QueueTx<T> {
                 break;
             }
             if self.stop.load(Ordering::Relaxed) {
-                return Pushed::Closed(slot.item);
+                return Pushed::Closed(entry.item);
             }
             match self.policy {
                 WhenFull::Block => std::thread::sleep(Duration::from_millis(2)),
-                WhenFull::DropNewest => return Pushed::Rejected(slot.item, DropReason::Budget),
+                WhenFull::DropNewest => return Pushed::Rejected(entry.item, DropReason::Budget),
                 WhenFull::DropOldest => match self.evict.try_recv() {
                     Ok(old) => {
                         self.account_out(old.bytes);
                         evicted.push(old.item);
                     }
                     // Our queue is empty: the budget is held by other sources' queues.
-                    Err(_) => return Pushed::Rejected(slot.item, DropReason::Budget),
+                    Err(_) => return Pushed::Rejected(entry.item, DropReason::Budget),
                 },
             }
         }
         loop {
-            match self.tx.try_send(slot) {
+            match self.tx.try_send(entry) {
                 Ok(()) => {
                     self.stats.depth.fetch_add(1, Ordering::Relaxed);
                     self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -249,11 +289,11 @@ impl<T> QueueTx<T> {
                     return Pushed::Closed(s.item);
                 }
                 Err(TrySendError::Full(s)) => {
-                    slot = s;
+                    entry = s;
                     match self.policy {
                         WhenFull::DropNewest => {
                             self.budget.release(bytes);
-                            return Pushed::Rejected(slot.item, DropReason::QueueFull);
+                            return Pushed::Rejected(entry.item, DropReason::QueueFull);
                         }
                         WhenFull::DropOldest => {
                             if let Ok(old) = self.evict.try_recv() {
@@ -264,15 +304,15 @@ impl<T> QueueTx<T> {
                         WhenFull::Block => {
                             if self.stop.load(Ordering::Relaxed) {
                                 self.budget.release(bytes);
-                                return Pushed::Closed(slot.item);
+                                return Pushed::Closed(entry.item);
                             }
-                            match self.tx.send_timeout(slot, BLOCK_POLL) {
+                            match self.tx.send_timeout(entry, BLOCK_POLL) {
                                 Ok(()) => {
                                     self.stats.depth.fetch_add(1, Ordering::Relaxed);
                                     self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
                                     return Pushed::Queued;
                                 }
-                                Err(crossbeam_channel::SendTimeoutError::Timeout(s)) => slot = s,
+                                Err(crossbeam_channel::SendTimeoutError::Timeout(s)) => entry = s,
                                 Err(crossbeam_channel::SendTimeoutError::Disconnected(s)) => {
                                     self.budget.release(bytes);
                                     return Pushed::Closed(s.item);
@@ -306,16 +346,16 @@ impl<T> Drop for QueueRx<T> {
 impl<T> QueueRx<T> {
     /// The channel, for `crossbeam_channel::Select` across many queues. Items received from
     /// it directly must be passed to [`QueueRx::accept`].
-    pub fn receiver(&self) -> &Receiver<Slot<T>> {
+    pub fn receiver(&self) -> &Receiver<SizedItem<T>> {
         &self.rx
     }
 
     /// Account for an item taken out of the channel and return it.
-    pub fn accept(&self, slot: Slot<T>) -> T {
-        self.budget.release(slot.bytes);
+    pub fn accept(&self, entry: SizedItem<T>) -> T {
+        self.budget.release(entry.bytes);
         self.stats.depth.fetch_sub(1, Ordering::Relaxed);
-        self.stats.bytes.fetch_sub(slot.bytes, Ordering::Relaxed);
-        slot.item
+        self.stats.bytes.fetch_sub(entry.bytes, Ordering::Relaxed);
+        entry.item
     }
 
     pub fn try_recv(&self) -> Option<T> {

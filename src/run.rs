@@ -1,6 +1,8 @@
 //! `percept run`: wires sources, queues, the worker, sinks and the HTTP server together, and
 //! shuts them down in order on EOS, Ctrl-C or SIGTERM.
 
+pub mod config;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -5,6 +5,40 @@
 use rustfft::{num_complex::Complex32, Fft, FftPlanner};
 use std::sync::Arc;
 
+/// `[analysis]`: the thresholds of the built-in signal analysis.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalysisConfig {
+    /// Motion score (0..1) above which a frame counts as a scene change.
+    pub scene_threshold: f64,
+    /// Chunk level below which audio is never voice, in dBFS.
+    pub voice_min_dbfs: f64,
+    /// Artificial delay per analysed item in milliseconds: for overload tests and demos.
+    pub delay_ms: u64,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        AnalysisConfig {
+            scene_threshold: 0.3,
+            voice_min_dbfs: -50.0,
+            delay_ms: 0,
+        }
+    }
+}
+
+impl AnalysisConfig {
+    /// Problems with the section, one line each.
+    pub fn validate(&self, p: &mut Vec<String>) {
+        if !(0.0..=1.0).contains(&self.scene_threshold) {
+            p.push(format!(
+                "[analysis] scene_threshold must be in [0, 1], got {}",
+                self.scene_threshold
+            ));
+        }
+    }
+}
+
 /// Side of the luma grid frames are reduced to before comparing; small enough to ignore
 /// sensor noise and compression artefacts, large enough to see a person walk in.
 const GRID_W: usize = 64;

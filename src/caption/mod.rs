@@ -16,6 +16,7 @@
 //! Every window must reach the stabilizer in order (a dropped final of a window cut at the
 //! maximum length loses the words it left to the next window).
 
+pub mod config;
 pub mod files;
 pub mod stabilize;
 pub mod window;
@@ -28,7 +29,7 @@ pub use window::{AudioWindow, AudioWindower};
 mod tests {
     use super::files::{check_srt, check_vtt};
     use super::*;
-    use crate::config::CaptionConfig;
+    use crate::caption::config::CaptionConfig;
     use crate::event::CaptionStatus;
 
     const RATE: f64 = crate::ingest::AUDIO_RATE as f64;

@@ -16,7 +16,7 @@
 //! Deterministic: the windows depend only on the chunks (times, samples, flags), never on
 //! wall-clock time, so a resumed analysis that replays the same audio cuts the same windows.
 
-use crate::config::CaptionConfig;
+use crate::caption::config::CaptionConfig;
 use crate::ingest::AUDIO_RATE;
 
 /// Non-voice audio kept before the first voice chunk (and after the last one at a pause),
@@ -291,16 +291,17 @@ impl AudioWindower {
 mod tests {
     use super::*;
 
-    /// Sample value = its global index, so a window's samples prove where they came from.
-    struct Feed {
+    /// Audio pushed into a windower, and the windows it made. Sample value = its global
+    /// index, so a window's samples prove where they came from.
+    struct TestStream {
         w: AudioWindower,
         n: usize,
         out: Vec<AudioWindow>,
     }
 
-    impl Feed {
-        fn new(cfg: &CaptionConfig) -> Feed {
-            Feed {
+    impl TestStream {
+        fn new(cfg: &CaptionConfig) -> TestStream {
+            TestStream {
                 w: AudioWindower::new(cfg),
                 n: 0,
                 out: Vec::new(),
@@ -341,7 +342,7 @@ mod tests {
 
     #[test]
     fn silence_makes_no_windows() {
-        let mut f = Feed::new(&CaptionConfig::default());
+        let mut f = TestStream::new(&CaptionConfig::default());
         f.run(40.0, false);
         assert!(f.out.is_empty());
         assert!(f.w.flush().is_none());
@@ -349,7 +350,7 @@ mod tests {
 
     #[test]
     fn pause_cuts_a_final_with_preroll_and_partials_in_between() {
-        let mut f = Feed::new(&CaptionConfig::default());
+        let mut f = TestStream::new(&CaptionConfig::default());
         f.run(1.0, false);
         f.run(5.0, true);
         f.run(1.0, false);
@@ -372,7 +373,7 @@ mod tests {
 
     #[test]
     fn preroll_only_what_exists() {
-        let mut f = Feed::new(&CaptionConfig::default());
+        let mut f = TestStream::new(&CaptionConfig::default());
         f.run(1.0, true);
         f.run(1.0, false);
         let finals = f.finals();
@@ -382,7 +383,7 @@ mod tests {
 
     #[test]
     fn long_speech_is_cut_at_max_with_overlap() {
-        let mut f = Feed::new(&CaptionConfig::default());
+        let mut f = TestStream::new(&CaptionConfig::default());
         f.run(70.0, true);
         let last = f.w.flush().expect("pending speech");
         f.out.push(last);
@@ -410,7 +411,7 @@ mod tests {
 
     #[test]
     fn max_cut_prefers_a_short_quiet_run() {
-        let mut f = Feed::new(&CaptionConfig::default());
+        let mut f = TestStream::new(&CaptionConfig::default());
         f.run(20.0, true);
         f.run(0.4, false); // shorter than the pause
         f.run(15.0, true);
@@ -424,7 +425,7 @@ mod tests {
 
     #[test]
     fn a_window_with_nothing_new_after_the_overlap_is_dropped() {
-        let mut f = Feed::new(&CaptionConfig::default());
+        let mut f = TestStream::new(&CaptionConfig::default());
         f.run(30.0, true);
         f.run(2.0, false);
         assert_eq!(f.finals().len(), 1);
@@ -448,7 +449,7 @@ mod tests {
 
     #[test]
     fn one_huge_chunk_is_cut_repeatedly() {
-        let mut f = Feed::new(&CaptionConfig::default());
+        let mut f = TestStream::new(&CaptionConfig::default());
         f.push(100.0, true);
         let finals = f.finals();
         assert_eq!(finals.len(), 3);
@@ -488,7 +489,7 @@ mod tests {
             }
             let runs: Vec<Vec<AudioWindow>> = (0..2)
                 .map(|_| {
-                    let mut f = Feed::new(&cfg);
+                    let mut f = TestStream::new(&cfg);
                     for &(s, v) in &plan {
                         f.push(s, v);
                     }

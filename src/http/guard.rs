@@ -30,7 +30,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
-use crate::config::HttpConfig;
+use crate::http::config::HttpConfig;
 
 /// Largest body the guard reads to check a source's scheme or a reload's JSON.
 const MAX_CHECKED_BODY: usize = 1024 * 1024;

@@ -2,6 +2,7 @@
 //! client: `/metrics` (Prometheus text), `/healthz`, the live event feeds (SSE and WebSocket,
 //! [`feed`]), the control API ([`control`]) and the web page with its frame images ([`page`]).
 
+pub mod config;
 mod control;
 mod feed;
 mod guard;
@@ -17,9 +18,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use std::sync::Arc;
 
-use crate::config::HttpConfig;
 use crate::control::{ControlApi, LiveBoard, ModelStatus};
 use crate::event::SourceState;
+use crate::http::config::HttpConfig;
 use crate::ingest::supervisor::StateBoard;
 use crate::metrics::Metrics;
 use crate::sink::Events;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::chunker::Chunker;
-use super::{Feed, AUDIO_RATE};
+use super::{SourceInput, AUDIO_RATE};
 pub use crate::model::preprocess::audio_file::{AudioFileError, Input, MonoResampler};
 
 /// The live audio branch's conversion: GStreamer delivers interleaved f32 at the source's own
@@ -99,7 +99,7 @@ impl LiveAudio {
 
 /// Decode `path` into `feed`. Returns the number of 16 kHz samples delivered.
 pub fn run(
-    feed: &Feed,
+    feed: &SourceInput,
     path: &Path,
     chunk_seconds: f64,
     realtime: bool,

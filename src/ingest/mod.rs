@@ -2,13 +2,21 @@
 //! branch and an audio branch that feed bounded queues into the worker.
 //!
 //! Data flow: `supervisor` owns a source's lifecycle and (re)builds its `graph` from
-//! `template`s; the graph's appsinks call into the source's [`Feed`], which timestamps,
-//! chunks and queues media and counts every drop.
+//! `template`s, with one `session` per connection; `keyframe` decides which encoded video
+//! reaches the decoder and `sampler` which decoded frames are kept; the video and audio
+//! `branch`es end in appsinks that call into the source's [`SourceInput`], which timestamps, chunks
+//! and queues media and counts every drop. `config` holds the `[[source]]`, `[video]`,
+//! `[audio]`, `[reconnect]` and `[watchdog]` sections.
 
 pub mod audio_file;
+mod branch;
 pub mod chunker;
+pub mod config;
 pub mod graph;
+pub mod keyframe;
 pub mod latest;
+pub mod sampler;
+pub mod session;
 pub mod supervisor;
 pub mod template;
 
@@ -93,9 +101,14 @@ pub struct PendingDrop {
     pub t1: f64,
 }
 
-/// The per-source entry point for media: shared by the graph's streaming threads, the
-/// supervisor and the worker. Lives as long as the source, across reconnects.
-pub struct Feed {
+/// The former name of [`SourceInput`], still used by the worker, the run loop and tasks.
+pub type Feed = SourceInput;
+
+/// The input end of one source: where its graph (or decoder) pushes media into the source's
+/// two queues, with the counters, metrics and events that account for it. Shared by the
+/// graph's streaming threads, the supervisor and the worker; lives as long as the source,
+/// across reconnects. (Not the HTTP event feeds of `http::feed`.)
+pub struct SourceInput {
     pub name: String,
     pub video: QueueTx<VideoFrame>,
     pub audio: QueueTx<AudioChunk>,
@@ -116,15 +129,15 @@ pub struct Feed {
     pub latest: latest::LatestSampled,
 }
 
-impl Feed {
+impl SourceInput {
     pub fn new(
         name: String,
         video: QueueTx<VideoFrame>,
         audio: QueueTx<AudioChunk>,
         metrics: Arc<Metrics>,
         events: Events,
-    ) -> Arc<Feed> {
-        Arc::new(Feed {
+    ) -> Arc<SourceInput> {
+        Arc::new(SourceInput {
             name,
             video,
             audio,
@@ -315,7 +328,7 @@ mod tests {
         let (vtx, _vrx) = bounded(4, WhenFull::DropOldest, budget.clone(), stop.clone());
         let (atx, _arx) = bounded(2, WhenFull::DropNewest, budget.clone(), stop.clone());
         let metrics = Arc::new(Metrics::new());
-        let feed = Feed::new(
+        let feed = SourceInput::new(
             "a".into(),
             vtx,
             atx,

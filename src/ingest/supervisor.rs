@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::graph::{self, GraphParams, Session};
-use super::{audio_file, Feed};
-use crate::config::ReconnectConfig;
+use super::graph::{self, GraphParams};
+use super::session::Session;
+use super::{audio_file, SourceInput};
 use crate::event::{Body, SourceState};
+use crate::ingest::config::ReconnectConfig;
 use crate::source::{redact_text as redact, SourceKind, SourceSpec};
 
 /// Current state of every source, for `/healthz`.
@@ -64,7 +65,7 @@ pub struct Supervisor {
     pub reconnect: ReconnectConfig,
     pub stall_seconds: f64,
     pub realtime: bool,
-    pub feed: Arc<Feed>,
+    pub feed: Arc<SourceInput>,
     pub stop: Arc<AtomicBool>,
     pub board: Arc<StateBoard>,
 }

@@ -22,8 +22,8 @@ use std::sync::Mutex;
 
 use serde_json::json;
 
-use crate::config::MqttConfig;
 use crate::event::{Body, CaptionStatus, Event};
+use crate::sink::config::MqttConfig;
 use crate::sink::mqtt::topic_level;
 
 /// A source known from the config before its first event.

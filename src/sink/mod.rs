@@ -2,6 +2,7 @@
 //! a SIGKILL or Ctrl-C never leaves a half-written line behind; live subscribers (HTTP feeds)
 //! get a copy through bounded channels that drop for them, never for the file.
 
+pub mod config;
 pub mod delivery;
 pub mod homeassistant;
 pub mod mqtt;

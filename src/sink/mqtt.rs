@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::config::MqttConfig;
 use crate::event::Event;
+use crate::sink::config::MqttConfig;
 use crate::sink::homeassistant::{HomeAssistant, Msg, SourceInfo};
 use crate::sink::mqtt_wire as wire;
 use crate::sink::outbox::Outbox;

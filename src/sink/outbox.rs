@@ -21,49 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::{Receiver, Sender};
-use serde::{Deserialize, Serialize};
 
-/// Default `[outbox] max_mib`.
-pub const DEFAULT_MAX_MIB: u64 = 256;
 const SUFFIX: &str = ".log";
-
-/// `[outbox]`: where undelivered MQTT messages and webhook alerts wait, and how much of the
-/// disk they may take.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct OutboxConfig {
-    /// Folder holding one subfolder per destination (created when MQTT or webhooks are on).
-    pub dir: String,
-    /// Upper bound on all records, MiB, shared evenly by the destinations; beyond it the
-    /// oldest records are dropped (and counted).
-    pub max_mib: u64,
-}
-
-impl Default for OutboxConfig {
-    fn default() -> Self {
-        OutboxConfig {
-            dir: "outbox".into(),
-            max_mib: DEFAULT_MAX_MIB,
-        }
-    }
-}
-
-impl OutboxConfig {
-    /// Problems with the section, one line each.
-    pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        if self.dir.trim().is_empty() {
-            p.push("[outbox] dir must not be empty".to_string());
-        }
-        if self.max_mib == 0 || self.max_mib > 1 << 20 {
-            p.push(format!(
-                "[outbox] max_mib must be in 1..=1048576, got {}",
-                self.max_mib
-            ));
-        }
-        p
-    }
-}
 
 /// Outbox metrics, one set per process (labels: the destination's folder name, never a URL).
 pub struct OutboxMetrics {
@@ -572,21 +531,5 @@ mod tests {
         assert_eq!(k, url_key("http://h:1/hook?token=secret"));
         assert_ne!(k, url_key("http://h:1/hook?token=other"));
         assert!(!k.contains("secret") && k.starts_with("webhook-"));
-    }
-
-    #[test]
-    fn config_bounds() {
-        assert!(OutboxConfig::default().problems().is_empty());
-        let bad = OutboxConfig {
-            dir: " ".into(),
-            max_mib: 0,
-        };
-        assert_eq!(
-            bad.problems(),
-            [
-                "[outbox] dir must not be empty",
-                "[outbox] max_mib must be in 1..=1048576, got 0"
-            ]
-        );
     }
 }

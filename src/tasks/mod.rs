@@ -5,6 +5,7 @@
 //! [`SourceTask`], which may turn it into a [`Job`]; jobs wait in the [`dispatch::Dispatch`]
 //! slots; the engine batches them across sources and gives each answer back to its task.
 
+pub mod config;
 pub mod dispatch;
 pub mod governor;
 pub mod recording;

@@ -1,5 +1,6 @@
-//! Network safety (issue 15): the token, Host and Origin checks, what the API may open, the
-//! feed client cap, secrets kept out of errors and logs, config bounds and the unit file.
+//! Network safety (README "Security"): the token, Host and Origin checks, what the API may
+//! open, the feed client cap, secrets kept out of errors and logs, config bounds and the unit
+//! file.
 //! Servers listen on ephemeral loopback ports; `percept run` processes use `--no-model`.
 
 use std::io::{BufRead, BufReader, Read, Write};

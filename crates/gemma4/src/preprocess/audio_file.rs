@@ -41,7 +41,6 @@ pub enum AudioFileError {
 /// `round(n * 16000 / rate)` samples.
 pub struct MonoResampler {
     inner: Option<Resampler>,
-    frames_in: u64,
     rate: u32,
 }
 
@@ -51,11 +50,7 @@ impl MonoResampler {
             return Err(AudioFileError::Resample("sample rate 0".into()));
         }
         let inner = (rate != AUDIO_RATE).then(|| Resampler::new(rate, AUDIO_RATE));
-        Ok(MonoResampler {
-            inner,
-            frames_in: 0,
-            rate,
-        })
+        Ok(MonoResampler { inner, rate })
     }
 
     /// The input sample rate.
@@ -74,7 +69,6 @@ impl MonoResampler {
                 .map(|f| f.iter().sum::<f32>() / channels as f32)
                 .collect()
         };
-        self.frames_in += mono.len() as u64;
         match self.inner.as_mut() {
             None => mono,
             Some(r) => {
@@ -84,11 +78,6 @@ impl MonoResampler {
                 out
             }
         }
-    }
-
-    /// The expected output length for the input so far.
-    pub fn expected_len(&self) -> u64 {
-        (self.frames_in as f64 * f64::from(AUDIO_RATE) / f64::from(self.rate)).round() as u64
     }
 
     /// Drain the resampler: the rest of the `round(n * 16000 / rate)` samples.
