@@ -25,6 +25,7 @@ pub mod layers;
 pub mod loader;
 pub mod media;
 pub mod multimodal;
+pub mod prefix;
 pub mod q4k_avx512;
 pub mod qmm;
 pub mod quant_cache;
