@@ -275,6 +275,9 @@ impl Engine {
                 .with_label_values(&["prompt"])
                 .inc_by(req.input_ids.len() as u64);
             m.tokens
+                .with_label_values(&["prompt_cached"])
+                .inc_by(g.cached_prompt_tokens as u64);
+            m.tokens
                 .with_label_values(&["generated"])
                 .inc_by(g.output_ids.len() as u64);
             let text = match tok.decode(&g.output_ids, true) {

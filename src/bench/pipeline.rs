@@ -6,6 +6,10 @@
 //!
 //! Every source runs `listen-and-look` (the latest frame plus the last 5 s of audio in one
 //! request), so each request carries both modalities.
+//!
+//! Each source count runs with prompt-prefix reuse off and on (`--prefix-cache`; see
+//! `model::prefix`), and each row reports the prompt tokens per request, the tokens the
+//! decoder computed per request (prefix builds included) and the mean model step time.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +47,10 @@ pub struct PipelineBenchArgs {
     /// Where the per-run event files go.
     #[arg(long, default_value = "bench-pipeline")]
     pub out: PathBuf,
+    /// Prompt-prefix K/V reuse for the runs: `off,on` runs each source count both ways
+    /// (the "before" and "after" rows), `on` or `off` one way.
+    #[arg(long, default_value = "off,on", value_delimiter = ',', value_parser = ["off", "on"])]
+    pub prefix_cache: Vec<String>,
 }
 
 /// A model folder with a real config shape (`e2b`/`e4b`: text plus the vision and audio
@@ -134,13 +142,22 @@ pub fn run(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let mut rows = Vec::new();
-    for &n in &a.sources {
+    let runs = a
+        .sources
+        .iter()
+        .flat_map(|&n| a.prefix_cache.iter().map(move |p| (n, p == "on")));
+    for (n, reuse) in runs {
+        // Off first drops whatever an earlier run kept, so each run starts cold.
+        model.prefixes.set_enabled(false);
+        model.prefixes.set_enabled(reuse);
+        model.prefixes.reset_stats();
         let mut cfg = Config::default();
         cfg.model.id = dir.display().to_string();
         cfg.model.max_tokens = a.max_tokens;
         cfg.http.enabled = false;
         cfg.captions.dir = String::new();
-        let events = a.out.join(format!("events-{n}.jsonl"));
+        let tag = if reuse { "on" } else { "off" };
+        let events = a.out.join(format!("events-{n}-prefix-{tag}.jsonl"));
         let _ = std::fs::remove_file(&events);
         cfg.run.events = events.display().to_string();
         cfg.sources = (1..=n)
@@ -177,14 +194,28 @@ pub fn run(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         model = handle
             .join()
             .map_err(|_| anyhow::anyhow!("the model thread panicked"))?;
-        rows.push(summarize(n, &events, wall, cfg.model.max_batch)?);
+        let mut row = summarize(n, &events, wall, cfg.model.max_batch)?;
+        let st = model.prefixes.stats();
+        row["prefix_cache"] = serde_json::json!(tag);
+        row["prompt_tokens_per_request"] = serde_json::json!(if st.requests > 0 {
+            st.prompt_tokens as f64 / st.requests as f64
+        } else {
+            0.0
+        });
+        row["computed_prompt_tokens_per_request"] = serde_json::json!(st.computed_per_request());
+        row["prefix_stats"] = serde_json::to_value(st)?;
+        rows.push(row);
         println!("{}", rows.last().map(|r| r.to_string()).unwrap_or_default());
     }
-    eprintln!("\nsources  req/s   batch-occupancy  audio-RTF  latency p50/p95 (s)  lag max/end (s)  deepest level");
+    eprintln!("\nsources  prefix  prompt/computed tok/req  step s  req/s   batch-occupancy  audio-RTF  latency p50/p95 (s)  lag max/end (s)  deepest level");
     for r in &rows {
         eprintln!(
-            "{:>7}  {:>6.3}  {:>15.2}  {:>9.2}  {:>8.1} / {:<8.1}  {:>6.1} / {:<6.1}  {:>5}",
+            "{:>7}  {:>6}  {:>10.1} / {:<10.1}  {:>6.2}  {:>6.3}  {:>15.2}  {:>9.2}  {:>8.1} / {:<8.1}  {:>6.1} / {:<6.1}  {:>5}",
             r["sources"],
+            r["prefix_cache"].as_str().unwrap_or(""),
+            r["prompt_tokens_per_request"].as_f64().unwrap_or(0.0),
+            r["computed_prompt_tokens_per_request"].as_f64().unwrap_or(0.0),
+            r["step_s_mean"].as_f64().unwrap_or(0.0),
             r["requests_per_s"].as_f64().unwrap_or(0.0),
             r["batch_occupancy"].as_f64().unwrap_or(0.0),
             r["audio_rtf"].as_f64().unwrap_or(0.0),
@@ -207,6 +238,8 @@ fn summarize(
     let text = std::fs::read_to_string(events)?;
     let mut lat = Vec::new();
     let mut batches = Vec::new();
+    // Model seconds of each request's step, to average per step below.
+    let mut step_s = Vec::new();
     // Audio RTF of the whole system: model time spent per second of audio heard, each
     // request charged its share of the batched step it ran in.
     let mut audio_model_s = 0.0;
@@ -222,6 +255,7 @@ fn summarize(
                 requests += 1;
                 lat.push(v["latency_ms"].as_f64().unwrap_or(0.0) / 1000.0);
                 batches.push(v["batch"].as_f64().unwrap_or(1.0));
+                step_s.push(v["model_ms"].as_f64().unwrap_or(0.0) / 1000.0);
                 let audio = v["audio_seconds"].as_f64().unwrap_or(0.0);
                 if audio > 0.0 {
                     let share = v["batch"].as_f64().unwrap_or(1.0).max(1.0);
@@ -245,8 +279,20 @@ fn summarize(
     } else {
         0.0
     };
+    // A step of b requests is reported b times: weight each report by 1/b.
+    let step_s_mean = if steps > 0.0 {
+        step_s
+            .iter()
+            .zip(&batches)
+            .map(|(s, b)| s / b.max(1.0))
+            .sum::<f64>()
+            / steps
+    } else {
+        0.0
+    };
     Ok(serde_json::json!({
         "sources": n,
+        "step_s_mean": step_s_mean,
         "wall_s": wall,
         "requests": requests,
         "requests_per_s": requests as f64 / wall.max(1e-9),

@@ -7,9 +7,10 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::config::{Arch, Gemma4Config};
-use super::generate::{generate_batch, GenerateOptions, Generation, Request};
+use super::generate::{generate_batch_reusing, GenerateOptions, Generation, Request};
 use super::loader::{LoadError, ModelFiles, Weights};
 use super::multimodal::{embed_prompt, PlaceholderIds, SoftTokens};
+use super::prefix::PrefixCache;
 use super::text::{LoadOptions, LogitRows, Segment, TextModel, VisionMask};
 use super::tokenizer::Gemma4Tokenizer;
 use super::ModelError;
@@ -24,6 +25,8 @@ pub struct Gemma4 {
     pub stop_ids: Vec<u32>,
     pub weights: Weights,
     pub opts: LoadOptions,
+    /// Prompt prefixes [`Gemma4::generate`] keeps and reuses (on by default; same tokens).
+    pub prefixes: PrefixCache,
 }
 
 impl Gemma4 {
@@ -107,6 +110,7 @@ impl Gemma4 {
             stop_ids,
             weights,
             opts: opts.clone(),
+            prefixes: PrefixCache::default(),
         })
     }
 
@@ -154,16 +158,18 @@ impl Gemma4 {
         }
     }
 
-    /// Runs a batch of requests; see [`generate_batch`].
+    /// Runs a batch of requests, reusing kept prompt prefixes; see
+    /// [`super::generate::generate_batch`] and [`super::prefix`].
     pub fn generate(
         &self,
         requests: &[Request],
         prefill_chunk: usize,
         on_token: &mut dyn FnMut(usize, u32),
     ) -> Result<Vec<Generation>, ModelError> {
-        generate_batch(
+        generate_batch_reusing(
             &self.text,
             &self.generate_options(prefill_chunk),
+            &self.prefixes,
             requests,
             on_token,
         )

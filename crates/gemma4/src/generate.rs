@@ -9,6 +9,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use super::multimodal::{embed_prompt, PlaceholderIds, SoftTokens};
+use super::prefix::{PrefixCache, Start};
 use super::text::{LogitRows, Segment, SeqCache, TextModel};
 use super::ModelError;
 use crate::rng::SplitMix64;
@@ -57,6 +58,9 @@ pub struct Generation {
     pub output_ids: Vec<u32>,
     pub stop: StopReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose K/V came from a kept prefix ([`PrefixCache`]) instead of this
+    /// request's prefill.
+    pub cached_prompt_tokens: usize,
     /// Seconds spent in prefill forwards (shared by the whole batch).
     pub prefill_s: f64,
     /// Seconds spent in decode forwards (shared by the whole batch).
@@ -123,6 +127,9 @@ pub fn argmax(v: &[f32]) -> u32 {
 
 struct Active {
     cache: SeqCache,
+    /// Prompt positions the cache held at the start (a kept prefix); `embeds`, `ple` and
+    /// `block_ids` cover the prompt from here on.
+    base: usize,
     embeds: Tensor,
     ple: Option<Tensor>,
     block_ids: Vec<i64>,
@@ -141,7 +148,29 @@ pub fn generate_batch(
     requests: &[Request],
     on_token: &mut dyn FnMut(usize, u32),
 ) -> Result<Vec<Generation>, ModelError> {
-    let mut act = Vec::with_capacity(requests.len());
+    run_batch(model, opts, None, requests, on_token)
+}
+
+/// [`generate_batch`] that starts each request from the longest prompt prefix `prefixes`
+/// keeps for it (building the prefixes the batch shows to be shared) and prefills only the
+/// rest. The greedy tokens are those of [`generate_batch`].
+pub fn generate_batch_reusing(
+    model: &TextModel,
+    opts: &GenerateOptions,
+    prefixes: &PrefixCache,
+    requests: &[Request],
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Generation>, ModelError> {
+    run_batch(model, opts, Some(prefixes), requests, on_token)
+}
+
+fn run_batch(
+    model: &TextModel,
+    opts: &GenerateOptions,
+    prefixes: Option<&PrefixCache>,
+    requests: &[Request],
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Generation>, ModelError> {
     for r in requests {
         if r.input_ids.is_empty() {
             return Err(ModelError::Request("empty prompt".into()));
@@ -155,13 +184,33 @@ pub fn generate_batch(
                 model.max_context()
             )));
         }
-        let pe = embed_prompt(model, &r.input_ids, &r.soft, &opts.placeholders)?;
+    }
+    let starts = match prefixes {
+        Some(p) => p.starts(model, opts, requests)?,
+        None => requests
+            .iter()
+            .map(|_| Start {
+                cache: model.new_cache(),
+                reused: 0,
+            })
+            .collect(),
+    };
+    let mut act = Vec::with_capacity(requests.len());
+    for (r, st) in requests.iter().zip(starts) {
+        // A kept prefix holds no media placeholder, so every soft token lands in the rest.
+        let pe = embed_prompt(
+            model,
+            &r.input_ids[st.reused..],
+            &r.soft,
+            &opts.placeholders,
+        )?;
         act.push(Active {
-            cache: model.new_cache(),
+            cache: st.cache,
+            base: st.reused,
             embeds: pe.embeds,
             ple: pe.ple,
             block_ids: pe.block_ids,
-            prefilled: 0,
+            prefilled: st.reused,
             prompt_len: r.input_ids.len(),
             out: Vec::new(),
             done: if r.max_new_tokens == 0 {
@@ -191,8 +240,8 @@ pub fn generate_batch(
                 if bidir {
                     // Never split an image block across forwards: its tokens see each other.
                     while end < a.prompt_len
-                        && a.block_ids[end] >= 0
-                        && a.block_ids[end] == a.block_ids[end - 1]
+                        && a.block_ids[end - a.base] >= 0
+                        && a.block_ids[end - a.base] == a.block_ids[end - a.base - 1]
                     {
                         end += 1;
                     }
@@ -211,9 +260,9 @@ pub fn generate_batch(
         for &(i, n, pre) in &plan {
             let a = &act[i];
             if pre {
-                emb_parts.push(a.embeds.narrow(0, a.prefilled, n)?);
+                emb_parts.push(a.embeds.narrow(0, a.prefilled - a.base, n)?);
                 if let Some(p) = &a.ple {
-                    ple_parts.push(p.narrow(0, a.prefilled, n)?);
+                    ple_parts.push(p.narrow(0, a.prefilled - a.base, n)?);
                 }
             } else {
                 let last = *a.out.last().ok_or_else(|| {
@@ -242,7 +291,8 @@ pub fn generate_batch(
                 .ok_or_else(|| ModelError::Request("request planned twice".into()))?;
             let finishes = !pre || a.prefilled + n == a.prompt_len;
             let block_ids = if bidir && pre {
-                Some(a.block_ids[a.prefilled..a.prefilled + n].to_vec())
+                let from = a.prefilled - a.base;
+                Some(a.block_ids[from..from + n].to_vec())
             } else {
                 None
             };
@@ -292,6 +342,7 @@ pub fn generate_batch(
             output_ids: a.out,
             stop: a.done.unwrap_or(StopReason::Length),
             prompt_tokens: a.prompt_len,
+            cached_prompt_tokens: a.base,
             prefill_s,
             decode_s,
         })

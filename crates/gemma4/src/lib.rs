@@ -28,6 +28,7 @@ pub mod layers;
 pub mod loader;
 pub mod media;
 pub mod multimodal;
+pub mod prefix;
 pub mod preprocess;
 pub mod prompt;
 pub mod q4k_avx512;

@@ -154,6 +154,18 @@ impl LayerCache {
         self.len
     }
 
+    /// An independent copy. `Clone` shares the K/V storage, and `append` writes into it in
+    /// place, so a clone and its original would overwrite each other's next positions; a
+    /// copy keeps the same capacity, length and first position, so it continues exactly as
+    /// the original would.
+    pub fn deep_copy(&self) -> CResult<Self> {
+        Ok(Self {
+            k: self.k.as_ref().map(Tensor::copy).transpose()?,
+            v: self.v.as_ref().map(Tensor::copy).transpose()?,
+            ..*self
+        })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -255,6 +267,20 @@ impl SeqCache {
     pub fn layer_len(&self, i: usize) -> Option<usize> {
         self.layers.get(i).and_then(|c| c.as_ref().map(|c| c.len()))
     }
+
+    /// An independent copy of every layer's cache (see [`LayerCache::deep_copy`]): what a
+    /// request starts from when it reuses a kept prompt prefix.
+    pub fn deep_copy(&self) -> CResult<SeqCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|c| c.as_ref().map(LayerCache::deep_copy).transpose())
+            .collect::<CResult<Vec<_>>>()?;
+        Ok(SeqCache {
+            layers,
+            pos: self.pos,
+        })
+    }
 }
 
 /// Which rows of a segment need logits.
@@ -304,7 +330,12 @@ pub struct TextModel {
     vision_mask: VisionMask,
     /// Most bytes of f32 attention scores per block of query rows (`SCORE_BLOCK_BYTES`).
     score_block_bytes: usize,
+    /// Unique per loaded decoder in this process (see [`TextModel::instance_id`]).
+    instance: u64,
 }
+
+/// Source of [`TextModel::instance_id`]s.
+static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// How image/video tokens of one block attend to each other
 /// (`use_bidirectional_attention = "vision"`); text tokens are always causal.
@@ -481,7 +512,14 @@ impl TextModel {
                 VisionMask::Causal
             },
             score_block_bytes: SCORE_BLOCK_BYTES,
+            instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// Identifies this loaded decoder within the process: K/V kept for one model is never
+    /// handed to another (the prefix cache keys its entries by it).
+    pub fn instance_id(&self) -> u64 {
+        self.instance
     }
 
     pub fn config(&self) -> &TextConfig {
