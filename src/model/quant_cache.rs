@@ -144,7 +144,24 @@ pub fn describe(files: &ModelFiles) -> serde_json::Value {
             }
         }
     }
-    serde_json::json!({"dir": dir(), "enabled": enabled(), "entries": entries})
+    let bytes: u64 = files
+        .weights
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let why_not = if !enabled() {
+        Some(format!("turned off by {ENV}"))
+    } else if !worth_caching(bytes) {
+        Some(format!(
+            "weights under {} MiB are quantized at each load",
+            MIN_BYTES >> 20
+        ))
+    } else {
+        None
+    };
+    serde_json::json!({"dir": dir(), "enabled": enabled(), "applies": why_not.is_none(),
+        "why_not": why_not, "entries": entries})
 }
 
 /// What [`prepare`] did.
