@@ -366,6 +366,9 @@ impl Weights {
             .iter()
             .map(|p| super::gguf::GgufFile::open(p).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        for f in &files {
+            f.prefetch();
+        }
         Ok(Self {
             backend: Backend::Gguf(Arc::new(super::gguf_model::GgufTensors::new(files)?)),
             prefix: String::new(),
