@@ -357,3 +357,169 @@ fn unified_model_run_resamples_audio() {
     assert_eq!(v["audio_tokens"], 30);
     assert_eq!(v["output_ids"].as_array().unwrap().len(), 12);
 }
+
+fn info_json(model: &str, env: &[(&str, &std::path::Path)]) -> serde_json::Value {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_percept"));
+    c.args(["model", "info", model, "--json"]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{model}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `model info` says the format, the tensor types per file and the quantized cache's state
+/// for each kind of input: a hub folder (sharded safetensors), a GGUF file, an LM Studio
+/// folder and an `ollama:` name.
+#[test]
+fn model_info_reports_format_tensor_types_and_cache_for_each_kind_of_input() {
+    use percept::model::testing::{temp_model_dir, write_tiny_checkpoint, TinySpec};
+    let d = temp_model_dir("info-kinds");
+    let cache = d.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let gguf = |n: &str| {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("crates/gemma4/tests/fixtures/gguf")
+            .join(n)
+    };
+
+    // Hub folder: two shards and an index; the first shard rewritten in bf16.
+    let hub = d.join("hub");
+    let spec = TinySpec {
+        sharded: true,
+        ..TinySpec::default()
+    };
+    write_tiny_checkpoint(&hub, &spec).unwrap();
+    let shard = hub.join("model-00001-of-00002.safetensors");
+    let t = candle_core::safetensors::load(&shard, &candle_core::Device::Cpu).unwrap();
+    let n0 = t.len();
+    let t: std::collections::HashMap<_, _> = t
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(candle_core::DType::BF16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&t, &shard).unwrap();
+    let v = info_json(hub.to_str().unwrap(), &[("XDG_CACHE_HOME", &cache)]);
+    assert_eq!(v["format"], "safetensors");
+    let files = v["safetensors"].as_array().unwrap();
+    assert_eq!(files.len(), 2);
+    assert_eq!(files[0]["tensor_types"], serde_json::json!({"BF16": n0}));
+    let n1 = files[1]["tensor_types"]["F32"].as_u64().unwrap();
+    assert_eq!(files[1]["tensors"].as_u64().unwrap(), n1);
+    assert!(n1 > 10);
+    // A tiny checkpoint is quantized at each load: the cache does not apply, and says why.
+    assert_eq!(v["quant_cache"]["applies"], false);
+    assert!(v["quant_cache"]["why_not"]
+        .as_str()
+        .unwrap()
+        .contains("64 MiB"));
+    assert_eq!(v["quant_cache"]["entries"].as_array().unwrap().len(), 4);
+    assert!(v["quant_cache"]["entries"][0]["path"]
+        .as_str()
+        .unwrap()
+        .starts_with(cache.to_str().unwrap()));
+    // With the cache forced on, written entries show their size.
+    let out = Command::new(env!("CARGO_BIN_EXE_percept"))
+        .args([
+            "model",
+            "run",
+            "--model",
+            hub.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ])
+        .args(["--max-tokens", "1", "--quant", "q8_0"])
+        .env("XDG_CACHE_HOME", &cache)
+        .env("PERCEPT_QUANT_CACHE", "always")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut c = Command::new(env!("CARGO_BIN_EXE_percept"));
+    let out = c
+        .args(["model", "info", hub.to_str().unwrap()])
+        .env("XDG_CACHE_HOME", &cache)
+        .env("PERCEPT_QUANT_CACHE", "always")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("format: safetensors"), "{text}");
+    assert!(text.contains(&format!("BF16 x{n0}")), "{text}");
+    let q8 = text
+        .lines()
+        .find(|l| l.contains("q8_0  keep_f16=none"))
+        .unwrap();
+    assert!(q8.contains("cached,"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("q4k") && l.contains("not cached")),
+        "{text}"
+    );
+
+    // A GGUF file: its types, the projector found beside it, no cache.
+    let v = info_json(
+        gguf("gemma4-q8_0.gguf").to_str().unwrap(),
+        &[("XDG_CACHE_HOME", &cache)],
+    );
+    assert_eq!(v["format"], "gguf");
+    assert!(v["gguf"][0]["tensor_types"]["Q8_0"].as_u64().unwrap() > 40);
+    assert!(v["projector"].as_str().unwrap().contains("mmproj-gemma4-"));
+    assert_eq!(v["quant_cache"]["applies"], false);
+
+    // An LM Studio folder: <publisher>/<repo>/ with the model and its mmproj.
+    let repo = d.join("lmstudio/lmstudio-community/gemma-4-tiny-GGUF");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::copy(
+        gguf("gemma4-q8_0.gguf"),
+        repo.join("gemma-4-tiny-Q8_0.gguf"),
+    )
+    .unwrap();
+    std::fs::copy(
+        gguf("mmproj-gemma4-f32.gguf"),
+        repo.join("mmproj-gemma-4-tiny-F32.gguf"),
+    )
+    .unwrap();
+    let v = info_json(repo.to_str().unwrap(), &[("XDG_CACHE_HOME", &cache)]);
+    assert_eq!(v["format"], "gguf");
+    let files = v["gguf"].as_array().unwrap();
+    assert_eq!(files.len(), 2);
+    assert!(files[0]["tensor_types"]["Q8_0"].as_u64().unwrap() > 40);
+    assert!(files[1]["tensor_types"]["F32"].as_u64().unwrap() > 10);
+    assert_eq!(
+        v["projector"].as_str().unwrap(),
+        repo.join("mmproj-gemma-4-tiny-F32.gguf").to_str().unwrap()
+    );
+    assert_eq!(v["quant_cache"]["applies"], false);
+
+    // ollama:NAME:TAG through a manifest store.
+    let store = d.join("ollama");
+    let blobs = store.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let hex = "e".repeat(64);
+    std::fs::copy(gguf("gemma4-f32.gguf"), blobs.join(format!("sha256-{hex}"))).unwrap();
+    let manifest = serde_json::json!({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": format!("sha256:{hex}"), "size": 1}]});
+    let mdir = store.join("manifests/registry.ollama.ai/library/gemma4tiny");
+    std::fs::create_dir_all(&mdir).unwrap();
+    std::fs::write(mdir.join("e2b"), manifest.to_string()).unwrap();
+    let v = info_json(
+        "ollama:gemma4tiny:e2b",
+        &[("XDG_CACHE_HOME", &cache), ("OLLAMA_MODELS", &store)],
+    );
+    assert_eq!(v["format"], "gguf");
+    assert_eq!(
+        v["gguf"][0]["path"].as_str().unwrap(),
+        blobs.join(format!("sha256-{hex}")).to_str().unwrap()
+    );
+    assert!(v["gguf"][0]["tensor_types"]["F32"].as_u64().unwrap() > 40);
+    assert_eq!(v["projector"], serde_json::Value::Null);
+    assert_eq!(v["quant_cache"]["applies"], false);
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -37,9 +37,27 @@ pub struct BenchArgs {
     /// kernel (`qmm`) against candle's `QMatMul`, at 1 and `--prompt` activation rows.
     #[arg(long)]
     pub kernels: bool,
+    /// Instead of prefill/decode: the load path of the quantized cache at each (arch, quant):
+    /// cold (quantize random weights at the real shape, write the cache file, load it), warm
+    /// (cache file in the page cache), cold cache (file evicted with posix_fadvise) and the
+    /// time `cat file > /dev/null` takes on the same file, each load in a fresh process.
+    #[arg(long)]
+    pub load: bool,
+    /// With `--load`: where the cache files go (default: the quantized cache folder); they
+    /// are removed afterwards unless `--keep-files`.
+    #[arg(long)]
+    pub load_dir: Option<std::path::PathBuf>,
+    /// With `--load`: keep the cache files written.
+    #[arg(long)]
+    pub keep_files: bool,
     /// Internal: run one (arch, quant) in this process.
     #[arg(long, hide = true)]
     pub child: bool,
+    /// Internal: one `--load` step in this process (`write` or `open`) on this file.
+    #[arg(long, hide = true, requires = "load_file")]
+    pub load_step: Option<String>,
+    #[arg(long, hide = true)]
+    pub load_file: Option<std::path::PathBuf>,
 }
 
 /// Text config of a real checkpoint shape (values from the published configs; see
@@ -438,10 +456,262 @@ fn run_kernels(a: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The decoder tensors a checkpoint of `cfg` holds (name, shape, and `stored`, the dtype
+/// dense ones are kept in), found by loading the decoder over [`Weights::shapes`].
+pub fn decoder_tensors(
+    cfg: &TextConfig,
+    stored: candle_core::DType,
+) -> anyhow::Result<Vec<(String, Vec<usize>, candle_core::DType)>> {
+    let w = Weights::shapes(&candle_core::Device::Cpu, candle_core::DType::F32);
+    let opts = LoadOptions {
+        max_context: 8,
+        ..LoadOptions::default()
+    };
+    drop(TextModel::load(&w, cfg, &opts)?);
+    Ok(w.recorded()
+        .into_iter()
+        .map(|(n, s)| (n, s, stored))
+        .collect())
+}
+
+/// One decode step of token 2 (`<bos>`) in a fresh cache: what a first answer costs beyond
+/// the load, and what touches every decoder weight once (the tied head reads the whole table).
+fn first_step(m: &TextModel) -> anyhow::Result<()> {
+    let ids = [2u32];
+    let mut cache = m.new_cache();
+    let e = m.embed_tokens(&ids)?;
+    let tp = m.ple_token_inputs(&ids)?;
+    let p = m.ple_inputs(&e, tp.as_ref())?;
+    let mut segs = [Segment {
+        cache: &mut cache,
+        len: 1,
+        logits: LogitRows::Last,
+        block_ids: None,
+    }];
+    let l = m.forward(&e, p.as_ref(), &mut segs)?;
+    std::hint::black_box(gemma4::generate::argmax(
+        &l[0].flatten_all()?.to_vec1::<f32>()?,
+    ));
+    Ok(())
+}
+
+/// `/proc/self/status` figures in GiB: peak RSS, and the anonymous and file-backed parts
+/// of the RSS now (a mapped cache file shows as file-backed, a copy as anonymous).
+fn rss_json() -> serde_json::Value {
+    let gib = |k: &str| proc_status_kib(k).unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    serde_json::json!({"peak_rss_gib": gib("VmHWM:"), "rss_anon_gib": gib("RssAnon:"),
+        "rss_file_gib": gib("RssFile:")})
+}
+
+/// One `--load` step in this process. `write`: quantize random weights at the real shape
+/// into the cache file `path`, then load it (the first start at a quant). `open`: load the
+/// existing file (a later start). Both time the load and the first decode step after it.
+pub fn load_step(
+    arch: &str,
+    quant: Quant,
+    step: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    let cfg = real_config(arch)?.text_config;
+    let t0 = Instant::now();
+    let mut out = serde_json::Map::new();
+    if step == "write" {
+        // Dense tensors (norms, scalars) in bf16, as the published checkpoints hold them.
+        let tensors = decoder_tensors(&cfg, candle_core::DType::BF16)?;
+        let w = Weights::random(0x5eed, &candle_core::Device::Cpu, candle_core::DType::F32);
+        gemma4::quant_cache::write_from(
+            &w,
+            &tensors,
+            quant,
+            Default::default(),
+            vec![gemma4::gguf::Value::Str(format!("random {arch}"))],
+            path,
+        )?;
+        out.insert("write_s".into(), t0.elapsed().as_secs_f64().into());
+    } else if step != "open" {
+        anyhow::bail!("unknown load step {step:?} (write, open)");
+    }
+    let t = Instant::now();
+    let w = Weights::open_gguf(
+        &[path.to_path_buf()],
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )?;
+    let opts = LoadOptions {
+        quant,
+        max_context: 64,
+        ..LoadOptions::default()
+    };
+    let m = TextModel::load(&w, &cfg, &opts)?;
+    out.insert("load_s".into(), t.elapsed().as_secs_f64().into());
+    out.insert("rss_after_load".into(), rss_json());
+    first_step(&m)?;
+    out.insert("ready_s".into(), t.elapsed().as_secs_f64().into());
+    out.insert("total_s".into(), t0.elapsed().as_secs_f64().into());
+    out.insert("rss_after_first_step".into(), rss_json());
+    out.insert(
+        "weight_gib".into(),
+        (m.weight_bytes() as f64 / (1u64 << 30) as f64).into(),
+    );
+    Ok(out.into())
+}
+
+/// Drops `path`'s pages from the page cache (`posix_fadvise(DONTNEED)`: clean pages of a
+/// file nobody maps go; `/proc/sys/vm/drop_caches` needs privileges containers lack).
+pub fn evict(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    f.sync_all()?;
+    // SAFETY: a valid open descriptor; the call only gives advice about its pages.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    anyhow::ensure!(rc == 0, "posix_fadvise on {}: error {rc}", path.display());
+    Ok(())
+}
+
+/// Fraction of `path`'s pages in the page cache (`mincore` over a fresh mapping, which
+/// reads nothing).
+pub fn resident_fraction(path: &std::path::Path) -> anyhow::Result<f64> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: mapped read-only and never read through; only mincore looks at it.
+    #[allow(unsafe_code)]
+    let m = unsafe { memmap2::Mmap::map(&f)? };
+    if m.is_empty() {
+        return Ok(1.0);
+    }
+    let page = 4096usize;
+    let pages = m.len().div_ceil(page);
+    let mut v = vec![0u8; pages];
+    // SAFETY: `m` is a live mapping of `m.len()` bytes and `v` has one byte per page.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::mincore(
+            m.as_ptr() as *mut libc::c_void,
+            m.len(),
+            v.as_mut_ptr().cast(),
+        )
+    };
+    anyhow::ensure!(rc == 0, "mincore on {}", path.display());
+    Ok(v.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64)
+}
+
+/// `--load`: per (arch, quant), a cold load (child: quantize + write + load), a timed `cat`
+/// of the evicted file, a warm load (child), a cold-cache load (child, file evicted), each
+/// with its first decode step; one JSON object or line each.
+fn run_load(a: &BenchArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let dir = a.load_dir.clone().unwrap_or_else(gemma4::quant_cache::dir);
+    std::fs::create_dir_all(&dir)?;
+    for arch in &a.arch {
+        for q in &a.quant {
+            let name = std::path::Path::new(arch)
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("model");
+            let path = dir.join(format!("bench-{name}-{}.gguf", q.as_str()));
+            let _ = std::fs::remove_file(&path);
+            let child = |step: &str| -> anyhow::Result<serde_json::Value> {
+                let out = std::process::Command::new(&exe)
+                    .args(["bench", "model", "--arch", arch, "--quant", q.as_str()])
+                    .args(["--load-step", step, "--load-file"])
+                    .arg(&path)
+                    .output()?;
+                anyhow::ensure!(
+                    out.status.success(),
+                    "{arch}/{} {step}: {}",
+                    q.as_str(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                Ok(serde_json::from_str(
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                )?)
+            };
+            let result = (|| -> anyhow::Result<serde_json::Value> {
+                let cold = child("write")?;
+                evict(&path)?;
+                let before_cat = resident_fraction(&path)?;
+                let t = Instant::now();
+                let st = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg("cat \"$0\" > /dev/null")
+                    .arg(&path)
+                    .status()?;
+                anyhow::ensure!(st.success(), "cat {} failed", path.display());
+                let cat_s = t.elapsed().as_secs_f64();
+                let warm = child("open")?;
+                evict(&path)?;
+                let before_cold = resident_fraction(&path)?;
+                let cold_cache = child("open")?;
+                let bytes = std::fs::metadata(&path)?.len();
+                Ok(serde_json::json!({
+                    "arch": arch, "quant": q.as_str(),
+                    "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                    "file_gib": bytes as f64 / (1u64 << 30) as f64,
+                    "cat_s": cat_s, "resident_before_cat": before_cat,
+                    "resident_before_cold_cache": before_cold,
+                    "cold": cold, "warm": warm, "cold_cache": cold_cache,
+                    "cold_cache_ready_over_cat": cold_cache["ready_s"].as_f64().unwrap_or(0.0) / cat_s,
+                }))
+            })();
+            if !a.keep_files {
+                let _ = std::fs::remove_file(&path);
+            }
+            let v = match result {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("{arch}/{}: failed: {e:#}", q.as_str());
+                    continue;
+                }
+            };
+            if a.json {
+                println!("{v}");
+                continue;
+            }
+            let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+            println!(
+                "{arch:4} {:5} cache file {:.2} GiB; cold (quantize + write {:.1} s, load {:.2} s, first step) {:.1} s",
+                q.as_str(),
+                f(&v["file_gib"]),
+                f(&v["cold"]["write_s"]),
+                f(&v["cold"]["load_s"]),
+                f(&v["cold"]["total_s"]),
+            );
+            for (label, k) in [("warm      ", "warm"), ("cold cache", "cold_cache")] {
+                println!(
+                    "     {label}: load {:6.2} s, ready (load + first step) {:6.2} s, peak RSS {:5.2} GiB (anon {:5.2} + file {:5.2} after the step)",
+                    f(&v[k]["load_s"]),
+                    f(&v[k]["ready_s"]),
+                    f(&v[k]["rss_after_first_step"]["peak_rss_gib"]),
+                    f(&v[k]["rss_after_first_step"]["rss_anon_gib"]),
+                    f(&v[k]["rss_after_first_step"]["rss_file_gib"]),
+                );
+            }
+            println!(
+                "     cat file > /dev/null (evicted, {:.0}% resident): {:.2} s; cold cache ready / cat = {:.2} ({:.0}% resident before that load)",
+                100.0 * f(&v["resident_before_cat"]),
+                f(&v["cat_s"]),
+                f(&v["cold_cache_ready_over_cat"]),
+                100.0 * f(&v["resident_before_cold_cache"]),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Entry point of `percept bench model`.
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     if a.kernels {
         return run_kernels(a);
+    }
+    if let (Some(step), Some(path)) = (&a.load_step, &a.load_file) {
+        let (Some(arch), Some(q)) = (a.arch.first(), a.quant.first()) else {
+            anyhow::bail!("a load step needs one arch and one quant");
+        };
+        println!("{}", load_step(arch, *q, step, path)?);
+        return Ok(());
+    }
+    if a.load {
+        return run_load(a);
     }
     if a.child {
         let (Some(arch), Some(q)) = (a.arch.first(), a.quant.first()) else {
@@ -592,6 +862,91 @@ mod tests {
             .iter()
             .all(|r| r["tokens"].as_u64().unwrap() <= r["budget"].as_u64().unwrap()));
         assert_eq!(v["media"]["audio_per_second"]["tokens"], 25);
+    }
+
+    /// `--load`'s steps on a tiny shape with rows of 256 (so q4k applies): the cache file
+    /// written from random weights holds every decoder tensor and loads the very model the
+    /// quantizing load builds from the same weights.
+    #[test]
+    fn load_steps_write_a_cache_that_loads_the_quantized_model() {
+        let spec = crate::model::testing::TinySpec {
+            hidden: 256,
+            intermediate: 512,
+            head_dim: 64,
+            global_head_dim: 128,
+            ple_dim: 256,
+            ..crate::model::testing::TinySpec::default()
+        };
+        let dir = crate::model::testing::temp_model_dir("bench-load");
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg_path = dir.join("config.json");
+        let cfg = crate::model::testing::tiny_config_json(&spec);
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let arch = cfg_path.to_str().unwrap();
+        let file = dir.join("cache.gguf");
+        let w = load_step(arch, Quant::Q4K, "write", &file).unwrap();
+        assert!(w["write_s"].as_f64().unwrap() > 0.0);
+        let o = load_step(arch, Quant::Q4K, "open", &file).unwrap();
+        assert!(o["ready_s"].as_f64().unwrap() >= o["load_s"].as_f64().unwrap());
+        assert!(o["rss_after_load"]["peak_rss_gib"].as_f64().unwrap() > 0.0);
+        // Every decoder tensor, quantized where the quantizing load quantizes.
+        let text = real_config(arch).unwrap().text_config;
+        let f = crate::model::gguf::GgufFile::open(&file).unwrap();
+        let tensors = decoder_tensors(&text, candle_core::DType::F32).unwrap();
+        assert!(tensors.len() > 50, "{tensors:?}");
+        for (n, _, _) in &tensors {
+            assert!(f.get(n).is_some(), "{n} missing from the cache file");
+        }
+        let q = f
+            .get("model.language_model.layers.0.mlp.down_proj.weight")
+            .unwrap();
+        assert_eq!(q.type_name(), "Q4_K");
+        // With dense tensors kept in f32, the same logits as the quantizing load of the same
+        // random weights.
+        let random = Weights::random(0x5eed, &candle_core::Device::Cpu, candle_core::DType::F32);
+        let f32_file = dir.join("cache-f32.gguf");
+        crate::model::quant_cache::write_from(
+            &random,
+            &tensors,
+            Quant::Q4K,
+            Default::default(),
+            vec![],
+            &f32_file,
+        )
+        .unwrap();
+        let opts = LoadOptions {
+            quant: Quant::Q4K,
+            max_context: 16,
+            ..LoadOptions::default()
+        };
+        let a = TextModel::load(&random, &text, &opts).unwrap();
+        let cached = Weights::open_gguf(
+            &[f32_file],
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        let b = TextModel::load(&cached, &text, &opts).unwrap();
+        let logits = |m: &TextModel| {
+            let ids = [2u32, 40, 41];
+            let mut cache = m.new_cache();
+            let e = m.embed_tokens(&ids).unwrap();
+            let tp = m.ple_token_inputs(&ids).unwrap();
+            let p = m.ple_inputs(&e, tp.as_ref()).unwrap();
+            let mut segs = [Segment {
+                cache: &mut cache,
+                len: 3,
+                logits: LogitRows::Last,
+                block_ids: None,
+            }];
+            let l = m.forward(&e, p.as_ref(), &mut segs).unwrap();
+            l[0].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(logits(&a), logits(&b));
+        // A read brings the whole file into the page cache.
+        std::fs::read(&file).unwrap();
+        assert_eq!(resident_fraction(&file).unwrap(), 1.0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

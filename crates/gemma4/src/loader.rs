@@ -281,6 +281,10 @@ enum Backend {
     Random(u64),
     /// GGUF files (llama.cpp's or percept's quantized cache), tensors under checkpoint names.
     Gguf(Arc<super::gguf_model::GgufTensors>),
+    /// Zeros of whatever shape is asked, recording each name and shape: a load over these
+    /// lists a checkpoint's tensors without computing any (the zeros are calloc'd pages a
+    /// dense load never touches). See [`Weights::shapes`].
+    Shapes(Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>),
 }
 
 /// Deterministic pseudo-random f32 data: uniform in `[-a, a]` around `center`.
@@ -362,6 +366,9 @@ impl Weights {
             .iter()
             .map(|p| super::gguf::GgufFile::open(p).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        for f in &files {
+            f.prefetch();
+        }
         Ok(Self {
             backend: Backend::Gguf(Arc::new(super::gguf_model::GgufTensors::new(files)?)),
             prefix: String::new(),
@@ -427,10 +434,42 @@ impl Weights {
         }
     }
 
+    /// Zero weights that record every tensor a load asks for; [`Weights::recorded`] then
+    /// lists them (name with prefix, shape), which is the checkpoint of that config.
+    pub fn shapes(device: &Device, dtype: DType) -> Self {
+        Self {
+            backend: Backend::Shapes(Arc::default()),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+        }
+    }
+
+    /// What a load over [`Weights::shapes`] asked for, sorted by name (empty otherwise).
+    pub fn recorded(&self) -> Vec<(String, Vec<usize>)> {
+        match &self.backend {
+            Backend::Shapes(r) => r
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(n, s)| (n.clone(), s.clone()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn record(&self, name: &str, shape: &[usize]) {
+        if let Backend::Shapes(r) = &self.backend {
+            r.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(self.full(name), shape.to_vec());
+        }
+    }
+
     fn mmap(&self, name: &str) -> Result<&MmapedSafetensors, LoadError> {
         match &self.backend {
             Backend::Mmap(st) => Ok(st),
-            Backend::Random(_) => Err(LoadError::NotFound(format!(
+            Backend::Random(_) | Backend::Shapes(_) => Err(LoadError::NotFound(format!(
                 "{name}: random weights have no stored shape"
             ))),
             Backend::Gguf(_) => Err(LoadError::NotFound(format!(
@@ -442,7 +481,7 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match &self.backend {
             Backend::Mmap(st) => st.get(&self.full(name)).is_ok(),
-            Backend::Random(_) => true,
+            Backend::Random(_) | Backend::Shapes(_) => true,
             Backend::Gguf(g) => g.contains(&self.full(name)),
         }
     }
@@ -452,6 +491,14 @@ impl Weights {
         let full = self.full(name);
         if let Backend::Gguf(g) = &self.backend {
             return g.shape(&full);
+        }
+        if let Backend::Shapes(r) = &self.backend {
+            return r
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&full)
+                .cloned()
+                .ok_or(LoadError::MissingTensor { name: full });
         }
         let view = self
             .mmap(&full)?
@@ -467,14 +514,19 @@ impl Weights {
         match &self.backend {
             Backend::Mmap(st) => st.get(&full).ok().and_then(|v| v.dtype().try_into().ok()),
             Backend::Gguf(g) => g.dense_dtype(&full),
-            Backend::Random(_) => None,
+            Backend::Random(_) | Backend::Shapes(_) => None,
         }
     }
 
     /// Errors unless `name` exists with exactly `shape`.
     pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<(), LoadError> {
-        if let Backend::Random(_) = self.backend {
-            return Ok(());
+        match self.backend {
+            Backend::Random(_) => return Ok(()),
+            Backend::Shapes(_) => {
+                self.record(name, shape);
+                return Ok(());
+            }
+            _ => {}
         }
         let actual = self.shape_of(name)?;
         if actual != shape {
@@ -503,6 +555,7 @@ impl Weights {
         let full = self.full(name);
         let t = match &self.backend {
             Backend::Gguf(g) => return g.dense(&full, &self.device, dtype),
+            Backend::Shapes(_) => Tensor::zeros(shape, dtype, &self.device),
             Backend::Mmap(st) => st.load(&full, &self.device),
             Backend::Random(seed) => {
                 let n = shape.iter().product();
@@ -554,6 +607,10 @@ impl Weights {
             return Tensor::from_vec(data, (n, dim), &self.device)
                 .map_err(|e| LoadError::candle(format!("loading {full}"), e));
         }
+        if let Backend::Shapes(_) = self.backend {
+            return Tensor::zeros((n, dim), DType::F32, &self.device)
+                .map_err(|e| LoadError::candle(format!("loading {full}"), e));
+        }
         if let Backend::Gguf(g) = &self.backend {
             let shape = g.shape(&full)?;
             if shape.len() != 2 || start + n > shape[0] || shape[1] != dim {
@@ -599,6 +656,12 @@ impl Weights {
         let mut v: Vec<String> = match &self.backend {
             Backend::Mmap(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
             Backend::Random(_) => Vec::new(),
+            Backend::Shapes(r) => r
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned()
+                .collect(),
             Backend::Gguf(g) => g.names(),
         };
         v.sort();

@@ -144,7 +144,24 @@ pub fn describe(files: &ModelFiles) -> serde_json::Value {
             }
         }
     }
-    serde_json::json!({"dir": dir(), "enabled": enabled(), "entries": entries})
+    let bytes: u64 = files
+        .weights
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let why_not = if !enabled() {
+        Some(format!("turned off by {ENV}"))
+    } else if !worth_caching(bytes) {
+        Some(format!(
+            "weights under {} MiB are quantized at each load",
+            MIN_BYTES >> 20
+        ))
+    } else {
+        None
+    };
+    serde_json::json!({"dir": dir(), "enabled": enabled(), "applies": why_not.is_none(),
+        "why_not": why_not, "entries": entries})
 }
 
 /// What [`prepare`] did.
@@ -240,14 +257,39 @@ pub fn write(
     path: &Path,
 ) -> Result<(), LoadError> {
     let w = Weights::open(&files.weights, &Device::Cpu, DType::F32)?;
-    let mut plan: Vec<(OutTensor, Option<GgmlDType>, DType)> = Vec::new();
+    let mut tensors = Vec::new();
     for name in w.names() {
         let shape = w.shape_of(&name)?;
-        let q = quantized_as(&name, &shape, quant, keep);
         let stored = match w.stored_dtype(&name) {
             Some(d @ (DType::F32 | DType::F16 | DType::BF16)) => d,
             _ => DType::F32,
         };
+        tensors.push((name, shape, stored));
+    }
+    let source: Vec<Value> = files
+        .weights
+        .iter()
+        .map(|p| Value::Str(p.display().to_string()))
+        .collect();
+    write_from(&w, &tensors, quant, keep, source, path)
+}
+
+/// Writes a cache file at `path` holding `tensors` (checkpoint name, shape, dtype a dense
+/// tensor is stored in) of `w`, quantized as [`quantized_as`] says; `source` names the
+/// checkpoint files in the metadata. [`write`] passes a checkpoint's own tensors;
+/// `percept bench model --load` passes random weights at a real shape.
+pub fn write_from(
+    w: &Weights,
+    tensors: &[(String, Vec<usize>, DType)],
+    quant: Quant,
+    keep: KeepF16,
+    source: Vec<Value>,
+    path: &Path,
+) -> Result<(), LoadError> {
+    let mut plan: Vec<(OutTensor, Option<GgmlDType>, DType)> = Vec::new();
+    for (name, shape, stored) in tensors {
+        let (name, shape, stored) = (name.clone(), shape.clone(), *stored);
+        let q = quantized_as(&name, &shape, quant, keep);
         let type_id = match (q, stored) {
             (Some(g), _) => super::gguf::type_id(g).unwrap_or(0),
             (None, DType::F16) => 1,
@@ -266,11 +308,6 @@ pub fn write(
             stored,
         ));
     }
-    let source: Vec<Value> = files
-        .weights
-        .iter()
-        .map(|p| Value::Str(p.display().to_string()))
-        .collect();
     let meta = vec![
         (
             "general.architecture".to_string(),
