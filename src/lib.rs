@@ -7,6 +7,7 @@
 //! (gates, governor), whose jobs the [`engine`] answers in batches with the Gemma 4 [`model`].
 
 pub mod analyze;
+pub mod bench;
 pub mod caption;
 pub mod clip_bench;
 pub mod config;
