@@ -65,6 +65,9 @@ pub struct VsLlamacppArgs {
     /// Context depth of the second decode row (0: only the short-context row).
     #[arg(long, default_value_t = 4096)]
     pub depth: usize,
+    /// Buffer of the read-bandwidth probe, MiB (far larger than the caches).
+    #[arg(long, default_value_t = 1024)]
+    pub bandwidth_mib: usize,
     /// Folder for the GGUF file (default: `<cache>/bench`).
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
@@ -414,6 +417,8 @@ pub struct Comparison {
     pub reps: usize,
     /// Best read bandwidth over the repetitions, bytes/s.
     pub read_bw: f64,
+    /// 1-minute load average before and after (other work on the machine skews both sides).
+    pub load: (f64, f64),
     pub llama: Side,
     pub percept: Side,
 }
@@ -442,6 +447,7 @@ impl Comparison {
             "decode_bytes_per_token_gib": self.decode_bytes as f64 / (1u64 << 30) as f64,
             "threads": self.threads, "reps": self.reps,
             "read_bandwidth_gb_s": self.read_bw / 1e9,
+            "load_average": [self.load.0, self.load.1],
             "cpu": cpu_line(),
             "llama_cpp": side(&self.llama), "percept": side(&self.percept),
         })
@@ -463,7 +469,13 @@ impl Comparison {
             self.reps,
             self.read_bw / 1e9
         );
-        let _ = writeln!(s, "CPU: {}", cpu_line());
+        let _ = writeln!(
+            s,
+            "CPU: {}; load average {:.1} before, {:.1} after",
+            cpu_line(),
+            self.load.0,
+            self.load.1
+        );
         let _ = writeln!(
             s,
             "{:<26} {:>22} {:>22} {:>10}",
@@ -600,7 +612,7 @@ pub fn run_with(a: &VsLlamacppArgs, percept_exe: &Path) -> anyhow::Result<()> {
                 println!("{}", c.render());
             }
             if c.failed() {
-                failed.push(format!("{arch}/{}", quant.as_str()));
+                failed.push(format!("{tag}/{}", quant.as_str()));
             }
         }
     }
@@ -635,6 +647,7 @@ fn compare(
         threads,
         reps: a.reps,
         read_bw: 0.0,
+        load: (load_average(), 0.0),
         llama: Side::default(),
         percept: Side::default(),
     };
@@ -674,7 +687,7 @@ fn compare(
     for rep in 0..a.reps {
         c.read_bw = c.read_bw.max(super::bandwidth::measure_read_bandwidth(
             threads,
-            super::bandwidth::DEFAULT_BYTES,
+            a.bandwidth_mib.max(1) << 20,
         ));
         let sides: [bool; 2] = if rep % 2 == 0 {
             [true, false]
@@ -705,7 +718,16 @@ fn compare(
             break;
         }
     }
+    c.load.1 = load_average();
     Ok(c)
+}
+
+/// The 1-minute load average (`/proc/loadavg`), 0 where there is none.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 /// One repetition of llama.cpp: start-to-ready, prefill sizes, decode depths.
