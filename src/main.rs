@@ -132,6 +132,8 @@ enum BenchCmd {
     Model(percept::bench::model::BenchArgs),
     /// The live pipeline with a random-weight model at the real shape, for 1, 2, 4 sources.
     Pipeline(percept::bench::pipeline::PipelineBenchArgs),
+    /// percept against llama.cpp's llama-bench on one random-weight GGUF at a real shape.
+    VsLlamacpp(percept::bench::vs_llamacpp::VsLlamacppArgs),
     /// `percept analyze` of a 5-minute 1 fps clip with its audio, random weights at the real
     /// shape (default the 12B at q4k): wall time, peak RSS, frames and audio analysed.
     Clip(percept::bench::clip::ClipBenchArgs),
@@ -190,6 +192,7 @@ fn main() -> ExitCode {
         Command::Model(m) => report(percept::model_cli::run(m, None)),
         Command::Bench(BenchCmd::Model(b)) => report(percept::bench::model::run(&b)),
         Command::Bench(BenchCmd::Pipeline(b)) => report(percept::bench::pipeline::run(&b)),
+        Command::Bench(BenchCmd::VsLlamacpp(b)) => report(percept::bench::vs_llamacpp::run(&b)),
         Command::Bench(BenchCmd::Clip(b)) => report(percept::bench::clip::run(&b)),
         Command::Bench(BenchCmd::Quant(b)) => report(percept::bench::quant_study::run(&b)),
         Command::Testsrc { command } => match command {

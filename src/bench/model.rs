@@ -136,31 +136,13 @@ pub fn proc_status_kib(key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Copy bandwidth in bytes copied per second, all threads, best of 5.
-pub fn measure_copy_bandwidth() -> f64 {
-    // Every thread copies its share of a 256 MiB buffer into another; bytes copied per
-    // second (what memcpy benchmarks such as mbw report; STREAM would count them twice).
-    // A float sum, what this measured before, is bound by the add latency, not by memory:
-    // it under-read the bandwidth ~2x and made decode look faster than the bound.
-    let n: usize = 256 << 20;
-    let src: Vec<u64> = (0..n / 8).map(|i| i as u64).collect();
-    let mut dst = vec![0u64; n / 8];
+/// Read bandwidth in bytes per second, all threads, the way a decode step reads its weights
+/// (see [`crate::bench::bandwidth`]; a memcpy rate understated it ~2x).
+pub fn measure_read_bandwidth() -> f64 {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let chunk = (n / 8).div_ceil(threads);
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        std::thread::scope(|s| {
-            for (d, c) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
-                s.spawn(move || d.copy_from_slice(c));
-            }
-        });
-        std::hint::black_box(&dst);
-        best = best.max(n as f64 / t.elapsed().as_secs_f64());
-    }
-    best
+    crate::bench::bandwidth::measure_read_bandwidth(threads, crate::bench::bandwidth::DEFAULT_BYTES)
 }
 
 /// One (arch, quant) measurement in this process (what a child process of [`run`] does).
@@ -174,9 +156,9 @@ pub fn run_one(
     let cfg = full.text_config.clone();
     // Measured before the load and after the timed work; the higher one makes the bound
     // (and so the fraction of it reached) the stricter when other load comes and goes. The
-    // first reading comes before the model exists so that its 512 MiB of buffers never sit
+    // first reading comes before the model exists so that its 1 GiB buffer never sits
     // on top of the weights in the peak RSS reported.
-    let bw_before = measure_copy_bandwidth();
+    let bw_before = measure_read_bandwidth();
     let t0 = Instant::now();
     let w = Weights::random(0x5eed, &candle_core::Device::Cpu, candle_core::DType::F32);
     let opts = LoadOptions {
@@ -237,7 +219,7 @@ pub fn run_one(
     let median_ms = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     let media = media_timings(&full, &w)?;
     let peak_run = proc_status_kib("VmHWM:").unwrap_or(0);
-    let bw = measure_copy_bandwidth().max(bw_before);
+    let bw = measure_read_bandwidth().max(bw_before);
     let bytes_tok = m.decode_bytes_per_token() as f64;
     let decode_tps = decode as f64 / decode_s;
     let bound_tps = bw / bytes_tok;
@@ -259,7 +241,7 @@ pub fn run_one(
         "decode_step_ms_median": median_ms,
         "decode_step_ms_max": sorted.last().copied().unwrap_or(0.0),
         "decode_bytes_per_token_gib": bytes_tok / (1u64 << 30) as f64,
-        "copy_bandwidth_gb_s": bw / 1e9,
+        "read_bandwidth_gb_s": bw / 1e9,
         "bandwidth_bound_tok_s": bound_tps,
         "fraction_of_bound": decode_tps / bound_tps,
         // The same from the median step: a step slowed by other load on a shared machine
@@ -372,7 +354,7 @@ fn time_best(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::
 /// `--kernels`: one line per (quant, shape, rows) with both implementations. One activation
 /// row is timed the way decode meets it: over enough copies of the matrix (768 MiB) that the
 /// weights come from memory, not from a cache a single matrix would fit in; the bandwidth
-/// column is then comparable to the copy bandwidth printed at the end.
+/// column is then comparable to the read bandwidth printed at the end.
 fn run_kernels(a: &BenchArgs) -> anyhow::Result<()> {
     use candle_core::quantized::{QMatMul, QStorage, QTensor};
     use candle_core::{Device, Module, Tensor};
@@ -452,7 +434,7 @@ fn run_kernels(a: &BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    println!("copy bandwidth {:.1} GB/s", measure_copy_bandwidth() / 1e9);
+    println!("read bandwidth {:.1} GB/s", measure_read_bandwidth() / 1e9);
     Ok(())
 }
 
@@ -754,7 +736,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                 println!("{v}");
             } else {
                 println!(
-                    "{arch:4} {:5} load {:6.1}s  weights {:5.2} GiB  peak RSS load {:5.2} / run {:5.2} GiB  prefill {:7.1} tok/s  decode {:6.2} tok/s  ({:.0}% of {:.2} tok/s bound at {:.1} GB/s; median step {:.0}%)",
+                    "{arch:4} {:5} load {:6.1}s  weights {:5.2} GiB  peak RSS load {:5.2} / run {:5.2} GiB  prefill {:7.1} tok/s  decode {:6.2} tok/s  ({:.0}% of {:.2} tok/s bound at {:.1} GB/s read; median step {:.0}%)",
                     q.as_str(),
                     v["load_s"].as_f64().unwrap_or(0.0),
                     v["weight_gib"].as_f64().unwrap_or(0.0),
@@ -764,7 +746,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                     v["decode_tok_s"].as_f64().unwrap_or(0.0),
                     100.0 * v["fraction_of_bound"].as_f64().unwrap_or(0.0),
                     v["bandwidth_bound_tok_s"].as_f64().unwrap_or(0.0),
-                    v["copy_bandwidth_gb_s"].as_f64().unwrap_or(0.0),
+                    v["read_bandwidth_gb_s"].as_f64().unwrap_or(0.0),
                     100.0 * v["fraction_of_bound_median_step"].as_f64().unwrap_or(0.0),
                 );
                 if let Some(rows) = v["media"]["image_1280x720"].as_array() {

@@ -5,6 +5,7 @@
 
 mod analyze;
 mod bad_input;
+mod bench_vs_llamacpp;
 mod browser;
 mod common;
 mod config_files;

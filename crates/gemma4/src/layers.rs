@@ -334,16 +334,11 @@ impl Module for Linear {
                 out[last] = self.out_dim;
                 y.reshape(out)?
             }
-            // Q4K on CPU: one copy of the weights (see `qmm` for why not `QMatMul`). Q8_0
-            // keeps candle's repacked tiles: they double its resident size but decode 1.6x
-            // faster than the compact blocks (72% vs 46% of the bandwidth bound on E2B), and
-            // q4k is the choice when memory is what limits. Blocks read in place from a GGUF
-            // mapping (every type) are never repacked: the mapping is the only copy.
-            QMatMul::QTensor(q)
-                if xs.device().is_cpu()
-                    && super::qmm::supports(q)
-                    && (q.dtype() == GgmlDType::Q4K || super::gguf::is_mapped(q)) =>
-            {
+            // Every block type on CPU: one copy of the weights (see `qmm` for why not
+            // `QMatMul`). Q8_0 used to keep candle's repacked tiles beside the blocks: they
+            // doubled its resident size (the 12B at q8_0 was OOM-killed at 24.3 GB on a 24 GB
+            // machine, issue 19), so every quantization now reads its compact blocks.
+            QMatMul::QTensor(q) if xs.device().is_cpu() && super::qmm::supports(q) => {
                 let dims = xs.dims().to_vec();
                 let k = dims[dims.len() - 1];
                 let rows = xs.elem_count() / k.max(1);
