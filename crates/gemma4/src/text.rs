@@ -166,6 +166,29 @@ impl LayerCache {
         })
     }
 
+    /// An independent copy whose buffers hold just the positions held (no spare capacity):
+    /// what a kept prompt prefix stores. A cache copied from it grows on its first append
+    /// like any cache that ran out of room.
+    pub fn compacted(&self) -> CResult<Self> {
+        let trim = |t: &Option<Tensor>| -> CResult<Option<Tensor>> {
+            match t {
+                Some(t) if self.len > 0 => {
+                    // A fresh buffer: `copy` of a view clones its whole storage.
+                    let (kvh, _, hd) = t.dims3()?;
+                    let buf = Tensor::zeros((kvh, self.len, hd), t.dtype(), t.device())?;
+                    buf.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                    Ok(Some(buf))
+                }
+                _ => Ok(None),
+            }
+        };
+        Ok(Self {
+            k: trim(&self.k)?,
+            v: trim(&self.v)?,
+            ..*self
+        })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -275,6 +298,19 @@ impl SeqCache {
             .layers
             .iter()
             .map(|c| c.as_ref().map(LayerCache::deep_copy).transpose())
+            .collect::<CResult<Vec<_>>>()?;
+        Ok(SeqCache {
+            layers,
+            pos: self.pos,
+        })
+    }
+
+    /// [`SeqCache::deep_copy`] without spare capacity (see [`LayerCache::compacted`]).
+    pub fn compacted(&self) -> CResult<SeqCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|c| c.as_ref().map(LayerCache::compacted).transpose())
             .collect::<CResult<Vec<_>>>()?;
         Ok(SeqCache {
             layers,

@@ -192,6 +192,11 @@ fn generated_checkpoint_text_prompts_reuse_the_shared_instruction() {
     let got_a = g.generate(&a, CHUNK, &mut |_, _| {}).unwrap();
     assert_eq!(tokens(&got_a), want_a);
     assert!(got_a.iter().all(|x| x.cached_prompt_tokens == 40));
+    // Kept without spare rows: the full layer (1 kv head x 32 wide) holds its 40 positions,
+    // 10,240 bytes of f32 K and V; a live cache's 64-row buffer alone would be 16,384.
+    let kept = g.prefixes.kept();
+    assert_eq!(kept.len(), 1);
+    assert!(kept[0].1 >= 10_240 && kept[0].1 < 16_384, "{kept:?}");
     let got_b = g.generate(&b, 64, &mut |_, _| {}).unwrap();
     assert_eq!(tokens(&got_b), want_b);
     assert_eq!(got_b[0].cached_prompt_tokens, 40);
