@@ -397,4 +397,66 @@ mod tests {
         assert!(v.contains("[reconnect] jitter"), "{v}");
         assert!(v.contains("unsupported scheme 'gopher'"), "{v}");
     }
+
+    #[test]
+    fn every_section_reports_its_own_problem() {
+        let text = r#"
+            [run]
+            fps = 0
+            [video]
+            max_side = 1
+            [audio]
+            chunk_seconds = 0
+            [queues]
+            budget_mib = 0
+            [reconnect]
+            multiplier = 0.5
+            [watchdog]
+            stall_seconds = 0
+            [analysis]
+            scene_threshold = 2
+            [http]
+            listen = "nowhere"
+            [model]
+            quant = "q3"
+            [governor]
+            soft_tokens = 1
+            [captions]
+            summary_window_seconds = 0
+            [mqtt]
+            qos = 2
+            [outbox]
+            dir = ""
+            [alerts]
+            webhooks = ["https://h/x"]
+            [[source]]
+            uri = "a.mp4"
+            window_frames = 0
+        "#;
+        let v = Config::parse(text).unwrap().validate();
+        for section in [
+            "[run]",
+            "[video]",
+            "[audio]",
+            "[queues]",
+            "[reconnect]",
+            "[watchdog]",
+            "[analysis]",
+            "[http]",
+            "[model]",
+            "[governor]",
+            "[captions]",
+            "[mqtt]",
+            "[outbox]",
+            "[alerts]",
+            "[[source]] #1",
+        ] {
+            assert_eq!(
+                v.iter().filter(|p| p.starts_with(section)).count(),
+                1,
+                "{section}: {v:#?}"
+            );
+        }
+        assert_eq!(v.len(), 15, "{v:#?}");
+    }
 }
