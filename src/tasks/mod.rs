@@ -3,11 +3,13 @@
 //!
 //! Data flow: the worker analyses signals, then hands each frame and chunk to the source's
 //! [`SourceTask`], which may turn it into a [`Job`]; jobs wait in the [`dispatch::Dispatch`]
-//! slots; the engine batches them across sources and gives each answer back to its task.
+//! slots; the engine batches them across sources and sends each outcome back over the
+//! worker's reply channel ([`reply`]); the worker, the only owner of the task, applies it.
 
 pub mod dispatch;
 pub mod governor;
 pub mod recording;
+pub mod reply;
 pub mod snapshot;
 pub mod summary;
 #[cfg(test)]
@@ -714,15 +716,6 @@ impl SourceTask {
         self.start_summary(0.0, windows, None)
     }
 
-    /// A removed source: what it holds for a summary is let go at once.
-    pub fn release(&mut self) {
-        self.clip_frames = Vec::new();
-        self.summary_windows.clear();
-        self.transcript = Vec::new();
-        self.window = Vec::new();
-        self.recent_audio.clear();
-    }
-
     fn next_summary_job(&mut self, previous: Option<&str>) -> Option<Job> {
         let w = self.summary_windows.pop_front()?;
         let n = self.summary_total;
@@ -748,9 +741,9 @@ impl SourceTask {
         Some(j)
     }
 
-    /// Jobs that will not run (superseded, unavailable...) are counted here.
+    /// A job that did not run (superseded, unavailable...), already counted by the
+    /// dispatch: a lost recording window, a `gap` for speech, a broken summary chain.
     pub fn on_skipped(&mut self, job: &Job, reason: SkipReason) {
-        self.skip(reason);
         self.summary_chain_broken(job);
         if matches!(job.class, JobClass::FinalAudio | JobClass::Text) {
             self.recording_lost(format!(

@@ -1,11 +1,12 @@
 //! Test helpers: a source's feed, queues and task without a graph or a model.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 
+use super::reply::{Reply, ReplyTo};
 use super::{SourceTask, TaskEnv, TaskSpec};
 use crate::config::{AlertConfig, CaptionConfig, GovernorConfig, TaskKind, TaskPrompts};
 use crate::control::LiveBoard;
@@ -72,21 +73,21 @@ pub fn source(
     }
 }
 
+/// Where a source's outcomes go, and the worker's end of that channel.
+pub fn reply_to(metrics: &Arc<Metrics>) -> (ReplyTo, Receiver<Reply>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    (ReplyTo::new(tx, metrics.clone()), rx)
+}
+
 /// A task of `kind` for `feed`.
-pub fn task(feed: &Arc<Feed>, kind: TaskKind, live: bool) -> Arc<Mutex<SourceTask>> {
+pub fn task(feed: &Arc<Feed>, kind: TaskKind, live: bool) -> SourceTask {
     let spec = TaskSpec {
         task: kind,
         questions: Vec::new(),
         prompt: None,
         window_frames: 1,
     };
-    Arc::new(Mutex::new(SourceTask::new(
-        feed.clone(),
-        spec,
-        5.0,
-        live,
-        env(),
-    )))
+    SourceTask::new(feed.clone(), spec, 5.0, live, env())
 }
 
 /// A small grey frame at media time `t`.
