@@ -203,7 +203,7 @@ impl LiveBoard {
             .remove(source);
     }
 
-    /// Where a source's newest sampled frame can be read (see `Feed::latest`).
+    /// Where a source's newest sampled frame can be read (see `SourceInput::latest`).
     pub fn track_sampled(&self, source: &str, latest: crate::ingest::latest::LatestSampled) {
         self.sampled
             .lock()

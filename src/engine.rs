@@ -1,18 +1,18 @@
 //! The model thread: one Gemma 4 instance serves every source. It loads the model (in the
 //! background, so sources start at once), then repeatedly takes a batch of jobs across
 //! sources from the dispatch, encodes their media with the model's own towers, runs one
-//! batched generation and hands each answer back to its source's task.
+//! batched generation and sends each outcome back over the reply channel of the worker that
+//! offered the job (the worker alone applies it to the source's task).
 
 pub mod config;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
 use crate::control::{LiveBoard, ModelStatus};
 use crate::ingest::VideoFrame;
-use crate::lock;
 use crate::metrics::Metrics;
 use crate::model::generate::{Request, Sampling};
 use crate::model::layers::Quant;
@@ -22,7 +22,8 @@ use crate::model::text::LoadOptions;
 use crate::model::{Gemma4, ModelError};
 use crate::preprocess::image::RgbImage;
 use crate::tasks::dispatch::{Dispatch, ModelGate};
-use crate::tasks::{Answer, Job, SourceTask};
+use crate::tasks::reply::Taken;
+use crate::tasks::{Answer, Job, SkipReason};
 
 pub struct Engine {
     pub cfg: ModelConfig,
@@ -98,8 +99,8 @@ impl Engine {
                     ));
                     // Nothing to serve with: skip what still comes until the dispatch closes.
                     while let Some(batch) = self.dispatch.take_batch(self.cfg.max_batch) {
-                        for (task, job) in &batch {
-                            lock(task).on_skipped(job, crate::tasks::SkipReason::ModelUnavailable);
+                        for t in &batch {
+                            t.skip(SkipReason::ModelUnavailable);
                         }
                         self.dispatch.done(batch.len());
                     }
@@ -151,8 +152,8 @@ impl Engine {
         while let Some(batch) = self.dispatch.take_batch(self.cfg.max_batch) {
             let n = batch.len();
             if st.given_up {
-                for (task, job) in &batch {
-                    lock(task).on_skipped(job, crate::tasks::SkipReason::ModelUnavailable);
+                for t in &batch {
+                    t.skip(SkipReason::ModelUnavailable);
                 }
                 self.dispatch.done(n);
                 continue;
@@ -175,9 +176,9 @@ impl Engine {
             let what = panic_text(payload.as_ref());
             self.metrics.model.panics.inc();
             tracing::error!(step, in_a_row = st.panics_in_a_row, panic = %what, "The model step panicked; its requests end with errors.");
-            for ((task, job), done) in batch.iter().zip(&handled) {
+            for (t, done) in batch.iter().zip(&handled) {
                 if !done {
-                    lock(task).on_error(job, &format!("the model step panicked: {what}"));
+                    t.error(format!("the model step panicked: {what}"));
                 }
             }
             self.dispatch.done(n);
@@ -221,27 +222,21 @@ impl Engine {
         Ok(m)
     }
 
-    /// One batched step over jobs of several sources. `handled[i]` is set once job `i` got
-    /// its answer or error, so a panic part-way leaves the others to the caller.
-    fn step(
-        &self,
-        model: &Gemma4,
-        enc: &TowerEncoder,
-        batch: &[(Arc<Mutex<SourceTask>>, Job)],
-        handled: &mut [bool],
-    ) {
+    /// One batched step over jobs of several sources. `handled[i]` is set once job `i`'s
+    /// answer or error was sent, so a panic part-way leaves the others to the caller.
+    fn step(&self, model: &Gemma4, enc: &TowerEncoder, batch: &[Taken], handled: &mut [bool]) {
         let t0 = Instant::now();
         let mut ready = Vec::new();
         let mut requests = Vec::new();
-        for (i, (task, job)) in batch.iter().enumerate() {
-            match build_request(model, enc, job) {
+        for (i, t) in batch.iter().enumerate() {
+            match build_request(model, enc, &t.job) {
                 Ok(r) => {
                     requests.push(r);
-                    ready.push((i, task, job));
+                    ready.push((i, t));
                 }
                 Err(e) => {
                     handled[i] = true;
-                    lock(task).on_error(job, &e);
+                    t.error(e);
                 }
             }
         }
@@ -259,9 +254,9 @@ impl Engine {
         let gens = match result {
             Ok(g) => g,
             Err(e) => {
-                for (i, task, job) in &ready {
+                for (i, t) in &ready {
                     handled[*i] = true;
-                    lock(task).on_error(job, &e.to_string());
+                    t.error(e.to_string());
                 }
                 return;
             }
@@ -269,7 +264,7 @@ impl Engine {
         let Some(tok) = model.tokenizer.as_ref() else {
             return;
         };
-        for ((i, task, job), (g, req)) in ready.iter().zip(gens.iter().zip(&requests)) {
+        for ((i, t), (g, req)) in ready.iter().zip(gens.iter().zip(&requests)) {
             handled[*i] = true;
             m.tokens
                 .with_label_values(&["prompt"])
@@ -283,7 +278,7 @@ impl Engine {
             let text = match tok.decode(&g.output_ids, true) {
                 Ok(t) => t,
                 Err(e) => {
-                    lock(task).on_error(job, &e.to_string());
+                    t.error(e.to_string());
                     continue;
                 }
             };
@@ -294,10 +289,9 @@ impl Engine {
                 output_tokens: g.output_ids.len(),
                 batch: requests.len(),
             };
-            let follow = lock(task).on_answer(job, &answer);
-            if let Some(f) = follow {
-                self.dispatch.offer(task, f, &|| false);
-            }
+            // Follow-ups (a `watch` retry, the next summary window) are the worker's to
+            // offer once it applied the answer.
+            t.answer(answer);
         }
     }
 }

@@ -1,6 +1,7 @@
-//! The worker: one thread that pulls from every source's queues and analyses what it gets.
-//! For now the analysis is percept's built-in signal analysis; the model worker replaces it
-//! behind the same queues.
+//! The worker: one thread that pulls from every source's queues, analyses what it gets
+//! (signals, then the source's task), offers the task's jobs to the dispatch, and applies
+//! every outcome the model side sends back over its reply channel. It alone owns each
+//! source's task state: the model thread and the control API only send it messages.
 
 use crossbeam_channel::{Receiver, Select};
 use std::collections::HashMap;
@@ -10,30 +11,46 @@ use std::time::{Duration, Instant};
 
 use crate::config::AnalysisConfig;
 use crate::event::{Body, Media};
-use crate::ingest::{AudioChunk, Feed, VideoFrame, AUDIO_RATE};
-use crate::lock;
+use crate::ingest::{AudioChunk, SourceInput, VideoFrame, AUDIO_RATE};
 use crate::queue::{DropReason, QueueRx};
 use crate::signal::{level_dbfs, MotionDetector, VoiceDetector};
-use crate::tasks::dispatch::{Dispatch, TaskRef};
-use crate::tasks::{Job, JobClass};
+use crate::tasks::dispatch::{Dispatch, ModelGate};
+use crate::tasks::reply::{Outcome, Reply, ReplyTo};
+use crate::tasks::{Job, JobClass, SourceTask, TaskSpec};
 
 /// A source as the worker sees it.
 pub struct WorkerSource {
-    pub feed: Arc<Feed>,
+    pub feed: Arc<SourceInput>,
     pub video: QueueRx<VideoFrame>,
     pub audio: QueueRx<AudioChunk>,
     /// What the model does with this source; None = signal analysis only.
-    pub task: Option<TaskRef>,
+    pub task: Option<ModelTask>,
     /// An interrupted recording: media already analysed is not analysed twice.
     pub resume: Option<crate::tasks::Resume>,
 }
 
+/// A source's task as the worker owns it, and where the model side sends its outcomes (the
+/// same route is the source's slot in the dispatch).
+pub struct ModelTask {
+    pub state: SourceTask,
+    pub reply: ReplyTo,
+}
+
 pub enum Control {
-    Add(WorkerSource),
+    Add(Box<WorkerSource>),
     /// Stop analysing a source (removed at runtime); what it still has queued is dropped.
+    /// Outcomes already sent for it (the dispatch's `source_removed` skips) are applied
+    /// first: the sender removes the dispatch slot before sending this.
     Remove(String),
-    /// No more media will be pushed: drain and exit. With a deadline, what is still queued
-    /// then is counted as dropped ("shutdown").
+    /// A new task (or new questions, prompt, window) for a source (control API, reload).
+    SetTask {
+        name: String,
+        spec: TaskSpec,
+    },
+    /// No more media will be pushed: drain the queues, wait for every answer still owed
+    /// (recordings then get their summary), close the tasks and exit. With a deadline, what
+    /// is still queued then is counted as dropped ("shutdown"), and jobs still waiting for
+    /// the model are skipped.
     Finish {
         deadline: Option<Instant>,
     },
@@ -50,6 +67,8 @@ const REPORT_EVERY: Duration = Duration::from_millis(500);
 pub struct Worker {
     cfg: AnalysisConfig,
     control: Receiver<Control>,
+    /// Outcomes of the jobs this worker offered (see [`crate::tasks::reply`]).
+    replies: Receiver<Reply>,
     vad: VoiceDetector,
     dispatch: Arc<Dispatch>,
     /// Set at shutdown: a file source's worker stops waiting for the model.
@@ -60,6 +79,7 @@ impl Worker {
     pub fn new(
         cfg: AnalysisConfig,
         control: Receiver<Control>,
+        replies: Receiver<Reply>,
         dispatch: Arc<Dispatch>,
         stop: Arc<AtomicBool>,
     ) -> Worker {
@@ -67,6 +87,7 @@ impl Worker {
         Worker {
             cfg,
             control,
+            replies,
             vad,
             dispatch,
             stop,
@@ -74,10 +95,101 @@ impl Worker {
     }
 
     /// Hands jobs to the model side (the dispatch counts what will not run).
-    fn offer(&self, task: &TaskRef, jobs: Vec<Job>) {
+    fn offer(&self, reply: &ReplyTo, jobs: impl IntoIterator<Item = Job>) {
         let stop = || self.stop.load(Ordering::Relaxed);
         for job in jobs {
-            self.dispatch.offer(task, job, &stop);
+            self.dispatch.offer(reply, job, &stop);
+        }
+    }
+
+    /// One outcome from the model side, applied to its source's task; a follow-up job (a
+    /// `watch` retry, the next summary window) goes back to the dispatch. Outcomes for a
+    /// source removed meanwhile are let go.
+    fn apply(&self, slots: &mut [Slot], r: Reply) {
+        let Some(t) = slots
+            .iter_mut()
+            .filter_map(|s| s.src.task.as_mut())
+            .find(|t| t.reply.key() == r.to)
+        else {
+            tracing::debug!(source = %r.job.source, "An outcome for a removed source; let go.");
+            return;
+        };
+        match r.outcome {
+            Outcome::Answer(a) => {
+                let follow = t.state.on_answer(&r.job, &a);
+                self.offer(&t.reply, follow);
+            }
+            Outcome::Error(message) => t.state.on_error(&r.job, &message),
+            Outcome::Skipped(reason) => t.state.on_skipped(&r.job, reason),
+        }
+    }
+
+    /// Applies every outcome already sent; true if there was any.
+    fn apply_sent(&self, slots: &mut [Slot]) -> bool {
+        let mut any = false;
+        while let Ok(r) = self.replies.try_recv() {
+            self.apply(slots, r);
+            any = true;
+        }
+        any
+    }
+
+    /// Applies outcomes until every job offered has one (true), or the deadline passes, or
+    /// the model cannot answer (false). The model side sends a step's outcomes before it
+    /// tells the dispatch the step is done, so once the dispatch is idle, the outcomes still
+    /// to apply are all in the channel.
+    fn settle(&self, slots: &mut [Slot], deadline: Option<Instant>) -> bool {
+        loop {
+            let idle = self.dispatch.is_idle();
+            if self.apply_sent(slots) {
+                // Follow-ups may have been offered.
+                continue;
+            }
+            if idle {
+                return true;
+            }
+            if matches!(
+                self.dispatch.gate(),
+                ModelGate::Unavailable | ModelGate::Disabled
+            ) || deadline.is_some_and(|d| Instant::now() >= d)
+            {
+                return false;
+            }
+            if let Ok(r) = self.replies.recv_timeout(Duration::from_millis(20)) {
+                self.apply(slots, r);
+            }
+        }
+    }
+
+    /// The end of the run, once the queues are drained: speech still being windowed
+    /// becomes its last window, every answer owed is applied (bounded by the deadline),
+    /// recordings that asked for one get their summary, and the tasks close (words the
+    /// caption stabilizer still holds become final).
+    fn finish_tasks(&self, slots: &mut [Slot], deadline: Option<Instant>) {
+        for s in slots.iter_mut() {
+            if let Some(t) = &mut s.src.task {
+                let jobs = t.state.finish();
+                self.offer(&t.reply, jobs);
+            }
+        }
+        if !self.settle(slots, deadline) {
+            self.dispatch.drain_all();
+            // Skipped now, or answered by the step the model is in.
+            self.settle(slots, None);
+        }
+        if deadline.is_none() {
+            for s in slots.iter_mut() {
+                if let Some(t) = &mut s.src.task {
+                    let job = t.state.summary_job();
+                    self.offer(&t.reply, job);
+                }
+            }
+            self.settle(slots, None);
+        }
+        for s in slots.iter_mut() {
+            if let Some(t) = &mut s.src.task {
+                t.state.close();
+            }
         }
     }
 
@@ -94,10 +206,11 @@ impl Worker {
             for msg in pending.collect::<Vec<_>>() {
                 match msg {
                     Control::Add(src) => slots.push(Slot {
-                        src,
+                        src: *src,
                         motion: MotionDetector::default(),
                     }),
                     Control::Remove(name) => {
+                        self.apply_sent(&mut slots);
                         if let Some(i) = slots.iter().position(|s| s.src.feed.name == name) {
                             let s = slots.remove(i);
                             let frames: Vec<VideoFrame> =
@@ -109,6 +222,15 @@ impl Worker {
                             report(std::slice::from_ref(&s));
                             forget(&s.src.feed);
                             report(&slots);
+                        }
+                    }
+                    Control::SetTask { name, spec } => {
+                        let task = slots
+                            .iter_mut()
+                            .filter(|s| s.src.feed.name == name)
+                            .find_map(|s| s.src.task.as_mut());
+                        if let Some(t) = task {
+                            t.state.set_spec(spec);
                         }
                     }
                     Control::Finish { deadline } => finish = Some(deadline),
@@ -130,13 +252,9 @@ impl Worker {
                         let chunks: Vec<AudioChunk> =
                             std::iter::from_fn(|| s.src.audio.try_recv()).collect();
                         s.src.feed.drop_audio(&chunks, DropReason::Shutdown);
-                        // Speech still being windowed becomes its last window.
-                        if let Some(t) = &s.src.task {
-                            let jobs = lock(t).finish();
-                            self.offer(t, jobs);
-                        }
                     }
                     report(&slots);
+                    self.finish_tasks(&mut slots, deadline);
                     return;
                 }
             }
@@ -144,7 +262,7 @@ impl Worker {
         }
     }
 
-    /// Wait briefly for any queue and analyse one item; a control message is returned.
+    /// Wait briefly for any queue or outcome and handle one; a control message is returned.
     fn step(&self, slots: &mut [Slot]) -> Option<Control> {
         // Clones (cheap handles) so the selection does not borrow the slots being analysed.
         // A file source whose model slot is taken is skipped this round (its queue applies
@@ -178,12 +296,19 @@ impl Worker {
             sel.recv(a);
         }
         let ctl = sel.recv(&self.control);
+        let replies = sel.recv(&self.replies);
         let Ok(op) = sel.select_timeout(Duration::from_millis(100)) else {
             return None;
         };
         let idx = op.index();
         if idx == ctl {
             return op.recv(&self.control).ok();
+        }
+        if idx == replies {
+            if let Ok(r) = op.recv(&self.replies) {
+                self.apply(slots, r);
+            }
+            return None;
         }
         let slot = &mut slots[idx / 2];
         if idx % 2 == 0 {
@@ -214,11 +339,9 @@ impl Worker {
             }
         }
         let motion = self.signal_frame(slot, &frame);
-        if let Some(t) = &slot.src.task {
-            let job = lock(t).on_frame(frame, motion);
-            if let Some(j) = job {
-                self.offer(t, vec![j]);
-            }
+        if let Some(t) = &mut slot.src.task {
+            let job = t.state.on_frame(frame, motion);
+            self.offer(&t.reply, job);
         }
     }
 
@@ -264,9 +387,9 @@ impl Worker {
             let to_model = chunk.t >= r.model_from - 1e-6;
             if already {
                 if to_model {
-                    if let Some(t) = &slot.src.task {
-                        let jobs = lock(t).on_audio(&chunk, voice, level);
-                        self.offer(t, jobs);
+                    if let Some(t) = &mut slot.src.task {
+                        let jobs = t.state.on_audio(&chunk, voice, level);
+                        self.offer(&t.reply, jobs);
                     }
                 }
                 return;
@@ -299,9 +422,9 @@ impl Worker {
                 samples: n,
             },
         );
-        if let Some(t) = &slot.src.task {
-            let jobs = lock(t).on_audio(&chunk, voice, level);
-            self.offer(t, jobs);
+        if let Some(t) = &mut slot.src.task {
+            let jobs = t.state.on_audio(&chunk, voice, level);
+            self.offer(&t.reply, jobs);
         }
     }
 }
@@ -353,7 +476,7 @@ fn report(slots: &[Slot]) {
 
 /// A removed source's queue gauges go (a series for a source that is gone would stay at
 /// its last value), and the total counts only the sources left.
-fn forget(feed: &Feed) {
+fn forget(feed: &SourceInput) {
     for media in [Media::Video, Media::Audio] {
         let labels = [feed.name.as_str(), media.as_str()];
         let _ = feed.metrics.queue_depth.remove_label_values(&labels);
@@ -370,20 +493,24 @@ mod tests {
     use crate::queue::ByteBudget;
     use crate::tasks::test_support::{frame, source, task};
 
+    /// A worker thread; its control sender and the sender of its reply channel.
     fn start(
         dispatch: &Arc<Dispatch>,
     ) -> (
         crossbeam_channel::Sender<Control>,
+        crossbeam_channel::Sender<Reply>,
         std::thread::JoinHandle<()>,
     ) {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
         let w = Worker::new(
             AnalysisConfig::default(),
             rx,
+            reply_rx,
             dispatch.clone(),
             Arc::new(AtomicBool::new(false)),
         );
-        (tx, std::thread::spawn(move || w.run()))
+        (tx, reply_tx, std::thread::spawn(move || w.run()))
     }
 
     fn wait_for(secs: u64, ok: &dyn Fn() -> bool) -> bool {
@@ -400,16 +527,16 @@ mod tests {
     fn add(
         tx: &crossbeam_channel::Sender<Control>,
         s: crate::tasks::test_support::TestSource,
-        task: Option<TaskRef>,
-    ) -> Arc<Feed> {
+        task: Option<ModelTask>,
+    ) -> Arc<SourceInput> {
         let feed = s.feed.clone();
-        tx.send(Control::Add(WorkerSource {
+        tx.send(Control::Add(Box::new(WorkerSource {
             feed: s.feed,
             video: s.video,
             audio: s.audio,
             task,
             resume: None,
-        }))
+        })))
         .unwrap();
         feed
     }
@@ -422,10 +549,14 @@ mod tests {
         let budget = ByteBudget::new(1 << 20);
         let dispatch = Arc::new(Dispatch::default());
         assert_eq!(dispatch.gate(), crate::tasks::dispatch::ModelGate::Loading);
-        let (tx, worker) = start(&dispatch);
+        let (tx, reply_tx, worker) = start(&dispatch);
         let file = source("file", false, &metrics, &budget);
-        let file_task = task(&file.feed, TaskKind::Describe, false);
-        assert!(dispatch.add_source("file", file_task.clone(), false));
+        let reply = ReplyTo::new(reply_tx, metrics.clone());
+        assert!(dispatch.add_source("file", reply.clone(), false));
+        let file_task = ModelTask {
+            state: task(&file.feed, TaskKind::Describe, false),
+            reply,
+        };
         let file = add(&tx, file, Some(file_task));
         let live = add(&tx, source("cam", true, &metrics, &budget), None);
 
@@ -455,7 +586,7 @@ mod tests {
             .expect("the file's job reaches the model")
             .expect("a batch");
         assert_eq!(batch.len(), 1);
-        assert_eq!(batch[0].1.source, "file");
+        assert_eq!(batch[0].job.source, "file");
         dispatch.done(1);
         tx.send(Control::Finish {
             deadline: Some(Instant::now()),
@@ -472,7 +603,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let budget = ByteBudget::new(1 << 20);
         let dispatch = Arc::new(Dispatch::default());
-        let (tx, worker) = start(&dispatch);
+        let (tx, _reply_tx, worker) = start(&dispatch);
         let feed = add(&tx, source("cam", true, &metrics, &budget), None);
         feed.push_frame(frame(0.0));
         assert!(wait_for(10, &|| feed

@@ -101,9 +101,6 @@ pub struct PendingDrop {
     pub t1: f64,
 }
 
-/// The former name of [`SourceInput`], still used by the worker, the run loop and tasks.
-pub type Feed = SourceInput;
-
 /// The input end of one source: where its graph (or decoder) pushes media into the source's
 /// two queues, with the counters, metrics and events that account for it. Shared by the
 /// graph's streaming threads, the supervisor and the worker; lives as long as the source,

@@ -8,17 +8,15 @@
 //! a batch spans sources.
 //!
 //! Every job that will not run (superseded, model unavailable, source removed, shutdown) is
-//! reported to its source's task here, in one place, after the dispatch lock is released.
+//! counted and sent back to its source's worker here, in one place, after the dispatch lock
+//! is released (see [`super::reply`]).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use super::{Job, JobClass, SkipReason, SourceTask};
-use crate::lock;
-
-/// A source's task, shared by the worker, the model thread and the control API.
-pub type TaskRef = Arc<Mutex<SourceTask>>;
+use super::reply::{ReplyTo, Taken};
+use super::{Job, JobClass, SkipReason};
 
 /// Final caption windows waiting per live source before the oldest is dropped.
 const MAX_FINALS: usize = 3;
@@ -33,7 +31,7 @@ pub enum ModelGate {
 }
 
 struct Pending {
-    task: TaskRef,
+    reply: ReplyTo,
     live: bool,
     frame: Option<Job>,
     partial: Option<Job>,
@@ -77,15 +75,11 @@ pub struct Dispatch {
 /// A job that did not reach the model, and why.
 type Skipped = (Job, SkipReason);
 
-/// Counts skipped jobs with their tasks (metrics, `gap` events). Called without the dispatch
-/// lock held: a task's lock is never taken inside the dispatch's.
-fn report(task: &TaskRef, skipped: Vec<Skipped>) {
-    if skipped.is_empty() {
-        return;
-    }
-    let mut t = lock(task);
-    for (job, why) in &skipped {
-        t.on_skipped(job, *why);
+/// Counts skipped jobs and sends them back to their source's worker (which turns them into
+/// `gap` events). Called without the dispatch lock held.
+fn report(reply: &ReplyTo, skipped: Vec<Skipped>) {
+    for (job, why) in skipped {
+        reply.skipped(job, why);
     }
 }
 
@@ -120,7 +114,7 @@ impl Dispatch {
 
     /// A slot for a source's jobs. A name that has a slot already keeps it (returns false):
     /// one source's jobs must never land in another's task.
-    pub fn add_source(&self, name: &str, task: TaskRef, live: bool) -> bool {
+    pub fn add_source(&self, name: &str, reply: ReplyTo, live: bool) -> bool {
         let mut g = self.lock();
         if g.sources.contains_key(name) {
             return false;
@@ -128,7 +122,7 @@ impl Dispatch {
         g.sources.insert(
             name.to_string(),
             Pending {
-                task,
+                reply,
                 live,
                 frame: None,
                 partial: None,
@@ -151,16 +145,16 @@ impl Dispatch {
             let skipped = std::iter::from_fn(|| p.take())
                 .map(|j| (j, SkipReason::SourceRemoved))
                 .collect();
-            report(&p.task, skipped);
+            report(&p.reply, skipped);
         }
     }
 
-    /// Hands a job of `task`'s source to the model side; what will not run (this job or
-    /// older ones it replaces) is counted with the task. For files this blocks while the
-    /// slot is taken or the model is loading, unless `stop` says the run is ending.
-    pub fn offer(&self, task: &TaskRef, job: Job, stop: &dyn Fn() -> bool) {
+    /// Hands a job of `reply`'s source to the model side; what will not run (this job or
+    /// older ones it replaces) is counted and sent back to the source. For files this blocks
+    /// while the slot is taken or the model is loading, unless `stop` says the run is ending.
+    pub fn offer(&self, reply: &ReplyTo, job: Job, stop: &dyn Fn() -> bool) {
         let skipped = self.place(job, stop);
-        report(task, skipped);
+        report(reply, skipped);
     }
 
     fn place(&self, job: Job, stop: &dyn Fn() -> bool) -> Vec<Skipped> {
@@ -279,18 +273,18 @@ impl Dispatch {
             let skipped: Vec<Skipped> = std::iter::from_fn(|| p.take())
                 .map(|j| (j, SkipReason::Shutdown))
                 .collect();
-            out.push((p.task.clone(), skipped));
+            out.push((p.reply.clone(), skipped));
         }
         drop(g);
         self.cv.notify_all();
-        for (task, skipped) in out {
-            report(&task, skipped);
+        for (reply, skipped) in out {
+            report(&reply, skipped);
         }
     }
 
     /// Waits for work and takes up to `max` jobs, one per source per round. `None` once
     /// closed and empty.
-    pub fn take_batch(&self, max: usize) -> Option<Vec<(TaskRef, Job)>> {
+    pub fn take_batch(&self, max: usize) -> Option<Vec<Taken>> {
         let mut g = self.lock();
         loop {
             let any = g.sources.values().any(|p| !p.is_empty());
@@ -320,7 +314,10 @@ impl Dispatch {
                 let name = &names[(start + k) % n];
                 if let Some(p) = g.sources.get_mut(name) {
                     if let Some(j) = p.take() {
-                        batch.push((p.task.clone(), j));
+                        batch.push(Taken {
+                            job: j,
+                            reply: p.reply.clone(),
+                        });
                         took = true;
                     }
                 }
@@ -341,24 +338,10 @@ impl Dispatch {
         self.cv.notify_all();
     }
 
-    /// Waits until nothing waits and nothing is being answered, or the deadline passes, or
-    /// the model cannot answer. Returns true when idle.
-    pub fn wait_idle(&self, deadline: Option<std::time::Instant>) -> bool {
-        let mut g = self.lock();
-        loop {
-            let idle = g.busy == 0 && g.sources.values().all(Pending::is_empty);
-            if idle || matches!(g.gate, ModelGate::Unavailable | ModelGate::Disabled) {
-                return idle;
-            }
-            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                return false;
-            }
-            g = self
-                .cv
-                .wait_timeout(g, Duration::from_millis(50))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
+    /// Nothing waits and nothing is being answered: every outcome has been sent.
+    pub fn is_idle(&self) -> bool {
+        let g = self.lock();
+        g.busy == 0 && g.sources.values().all(Pending::is_empty)
     }
 }
 
@@ -367,8 +350,8 @@ mod tests {
     use super::*;
     use crate::config::TaskKind;
     use crate::metrics::Metrics;
-    use crate::queue::ByteBudget;
-    use crate::tasks::test_support::{source, task};
+    use crate::tasks::test_support::reply_to;
+    use std::sync::Arc;
 
     fn job(source: &str, class: JobClass) -> Job {
         Job {
@@ -402,13 +385,8 @@ mod tests {
     #[test]
     fn a_second_slot_for_a_name_is_refused() {
         let metrics = Arc::new(Metrics::new());
-        let budget = ByteBudget::new(1 << 20);
-        let a = source("cam", true, &metrics, &budget);
-        let b = source("cam", true, &metrics, &budget);
-        let (ta, tb) = (
-            task(&a.feed, TaskKind::Describe, true),
-            task(&b.feed, TaskKind::Describe, true),
-        );
+        let (ta, _rxa) = reply_to(&metrics);
+        let (tb, _rxb) = reply_to(&metrics);
         let d = Dispatch::default();
         d.set_gate(ModelGate::Ready);
         assert!(d.add_source("cam", ta.clone(), true));
@@ -416,8 +394,9 @@ mod tests {
         d.offer(&ta, job("cam", JobClass::Frame), &|| false);
         let batch = d.take_batch(4).unwrap();
         assert_eq!(batch.len(), 1);
-        assert!(
-            Arc::ptr_eq(&batch[0].0, &ta),
+        assert_eq!(
+            batch[0].reply.key(),
+            ta.key(),
             "the first source keeps its slot"
         );
         assert!(!second);
@@ -427,9 +406,7 @@ mod tests {
     #[test]
     fn the_dispatch_counts_what_it_skips() {
         let metrics = Arc::new(Metrics::new());
-        let budget = ByteBudget::new(1 << 20);
-        let s = source("cam", true, &metrics, &budget);
-        let t = task(&s.feed, TaskKind::Describe, true);
+        let (t, replies) = reply_to(&metrics);
         let d = Dispatch::default();
         d.add_source("cam", t.clone(), true);
         d.offer(&t, job("cam", JobClass::Frame), &|| false);
@@ -442,6 +419,23 @@ mod tests {
         assert_eq!(skipped(&metrics, "cam", "source_removed"), 1);
         d.offer(&t, job("cam", JobClass::Frame), &|| false);
         assert_eq!(skipped(&metrics, "cam", "source_removed"), 2);
+        // Each skip also went back to the source's worker, with its reason.
+        let told: Vec<SkipReason> = replies
+            .try_iter()
+            .filter_map(|r| match r.outcome {
+                crate::tasks::reply::Outcome::Skipped(why) => Some(why),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            told,
+            [
+                SkipReason::ModelLoading,
+                SkipReason::Superseded,
+                SkipReason::SourceRemoved,
+                SkipReason::SourceRemoved
+            ]
+        );
     }
 
     /// While the model loads, a file source's jobs would wait: the worker must leave its
@@ -449,12 +443,9 @@ mod tests {
     #[test]
     fn file_sources_wait_while_the_model_loads() {
         let metrics = Arc::new(Metrics::new());
-        let budget = ByteBudget::new(1 << 20);
-        let f = source("file", false, &metrics, &budget);
-        let l = source("cam", true, &metrics, &budget);
         let d = Dispatch::default();
-        d.add_source("file", task(&f.feed, TaskKind::Describe, false), false);
-        d.add_source("cam", task(&l.feed, TaskKind::Describe, true), true);
+        d.add_source("file", reply_to(&metrics).0, false);
+        d.add_source("cam", reply_to(&metrics).0, true);
         assert!(d.would_wait("file", JobClass::Frame));
         assert!(d.would_wait("file", JobClass::FinalAudio));
         assert!(!d.would_wait("cam", JobClass::Frame));

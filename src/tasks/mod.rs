@@ -3,140 +3,48 @@
 //!
 //! Data flow: the worker analyses signals, then hands each frame and chunk to the source's
 //! [`SourceTask`], which may turn it into a [`Job`]; jobs wait in the [`dispatch::Dispatch`]
-//! slots; the engine batches them across sources and gives each answer back to its task.
+//! slots; the engine batches them across sources and sends each outcome back over the
+//! worker's reply channel ([`reply`]); the worker, the only owner of the task, applies it.
+//!
+//! [`SourceTask`] (here) routes frames, chunks and outcomes by task kind; each kind's part is
+//! its own file: `look.rs` (`describe`, `watch`, `listen-and-look`), `captioning.rs`
+//! (`caption`), `transcript.rs` (`transcribe`, recordings and their checkpoints),
+//! `summarize.rs` (`summarize`, planned by `summary.rs`). `job.rs` holds what goes to the
+//! model and back.
 
+mod captioning;
 pub mod config;
 pub mod dispatch;
 pub mod governor;
+mod job;
+mod look;
 pub mod recording;
+pub mod reply;
 pub mod snapshot;
+mod summarize;
 pub mod summary;
 #[cfg(test)]
 pub(crate) mod test_support;
+mod transcript;
 pub mod watch;
 pub mod webhook;
+
+pub use job::{Answer, Job, JobClass, SkipReason};
+use summarize::mmss;
+pub use transcript::{empty_transcript_files, RecordingHooks, Resume};
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::caption::{suppress_repetition, AudioWindow, AudioWindower, CaptionFiles, Stabilizer};
+use crate::caption::{suppress_repetition, AudioWindower, CaptionFiles, Stabilizer};
 use crate::config::{AlertConfig, CaptionConfig, GovernorConfig, TaskKind, TaskPrompts};
 use crate::control::LiveBoard;
-use crate::event::{Body, CaptionStatus, SourceState};
-use crate::ingest::{AudioChunk, Feed, VideoFrame, AUDIO_RATE};
+use crate::event::{Body, SourceState};
+use crate::ingest::{AudioChunk, SourceInput, VideoFrame, AUDIO_RATE};
 use governor::Governor;
 use recording::RecordingWindower;
-
-/// How a job waits for the model (see [`dispatch`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobClass {
-    Frame,
-    PartialAudio,
-    FinalAudio,
-    Text,
-}
-
-/// Why media or a job did not reach the model: the `reason` label of
-/// `model_skipped_total`, and the words in brackets of a `speech not transcribed` gap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SkipReason {
-    /// The governor's frame rate for the model was not due yet.
-    Rate,
-    /// Nothing moved, no heartbeat was due and no loud sound asked for a look.
-    NoMotion,
-    /// A newer job of the same slot replaced it (live sources: freshest wins).
-    Superseded,
-    /// Final caption windows piled up behind the model; the oldest went.
-    ModelBehind,
-    /// A live source's job while the model was still loading.
-    ModelLoading,
-    /// `[model] enabled = false`.
-    ModelDisabled,
-    /// The model could not be loaded.
-    ModelUnavailable,
-    /// Shutting down (or the drain deadline passed).
-    Shutdown,
-    /// The source was removed at runtime.
-    SourceRemoved,
-}
-
-impl SkipReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::Rate => "rate",
-            SkipReason::NoMotion => "no_motion",
-            SkipReason::Superseded => "superseded",
-            SkipReason::ModelBehind => "model_behind",
-            SkipReason::ModelLoading => "model_loading",
-            SkipReason::ModelDisabled => "model_disabled",
-            SkipReason::ModelUnavailable => "model_unavailable",
-            SkipReason::Shutdown => "shutdown",
-            SkipReason::SourceRemoved => "source_removed",
-        }
-    }
-
-    /// The model cannot answer at all: no gap per skipped window (the `model` status and
-    /// `percept_model_unavailable` say it once).
-    fn model_absent(self) -> bool {
-        matches!(
-            self,
-            SkipReason::ModelDisabled | SkipReason::ModelUnavailable
-        )
-    }
-}
-
-impl std::fmt::Display for SkipReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One request for the model, in media terms.
-#[derive(Debug, Clone)]
-pub struct Job {
-    pub source: String,
-    pub task: TaskKind,
-    pub class: JobClass,
-    /// Media span the answer is about.
-    pub t: f64,
-    pub end: f64,
-    pub frame: Option<Arc<VideoFrame>>,
-    /// A window of frames sent as video (describe with `window_frames` > 1).
-    pub video: Vec<Arc<VideoFrame>>,
-    pub audio: Option<Arc<Vec<f32>>>,
-    /// The user text of the prompt.
-    pub prompt: String,
-    pub soft_tokens: usize,
-    pub max_tokens: usize,
-    /// 0 for the first try; `watch` retries once.
-    pub attempt: u8,
-    /// A caption window cut at the length cap: where the next (overlapping) window starts.
-    pub next_t0: Option<f64>,
-    pub captured: Instant,
-}
-
-impl Job {
-    pub fn audio_seconds(&self) -> f64 {
-        self.audio
-            .as_ref()
-            .map(|a| a.len() as f64 / f64::from(AUDIO_RATE))
-            .unwrap_or(0.0)
-    }
-}
-
-/// What the model said for a job.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub text: String,
-    /// Wall seconds of the batched step this job was part of (shared by the batch).
-    pub model_s: f64,
-    pub prompt_tokens: usize,
-    pub output_tokens: usize,
-    /// Requests in the batched step.
-    pub batch: usize,
-}
 
 /// What a source asks the model, changeable at runtime.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,48 +82,15 @@ pub struct TaskEnv {
     pub checkpoint: Option<Arc<dyn RecordingHooks>>,
 }
 
-/// How a recording's task talks to `percept analyze` (see `analyze.rs`): its outputs are
-/// made durable before the checkpoint moves past them, and a lost output or request keeps
-/// the recording from being marked done.
-pub trait RecordingHooks: Send + Sync {
-    /// The transcript window ending at `t` (media seconds) is in the transcript files,
-    /// which are synced; `events_bytes` is the events file's length after its last complete
-    /// line. Syncs the events and moves the checkpoint; an error means the outputs could not
-    /// be made durable.
-    fn commit(&self, t: f64, events_bytes: u64) -> Result<(), String>;
-    /// Where the recording's summary frames are kept (`frames/` in its output folder).
-    fn frames_dir(&self) -> Option<PathBuf> {
-        None
-    }
-    /// Something the recording owes was lost (an output write failed, a request failed or
-    /// was skipped): the checkpoint no longer moves and the recording is not done.
-    fn fail(&self, what: String);
-}
-
-/// Where an interrupted recording analysis picks up (see `percept analyze`).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Resume {
-    /// Audio from here on goes to the model again (end of the last committed window).
-    pub model_from: f64,
-    /// `audio` events already written up to this media time.
-    pub audio_after: f64,
-    /// `frame` events already written up to and including this media time.
-    pub frame_after: Option<f64>,
-    /// Transcript windows already committed: (t, end, text).
-    pub transcript: Vec<(f64, f64, String)>,
-}
-
 /// Seconds of audio kept for `listen-and-look`.
 const LISTEN_SECONDS: f64 = 5.0;
 /// A `state` event with governor figures at least this often (media seconds).
 const STATE_EVERY: f64 = 5.0;
-/// Token budget of a summary.
-const SUMMARY_TOKENS: usize = 256;
 
 pub struct SourceTask {
     pub name: String,
     pub spec: TaskSpec,
-    pub feed: Arc<Feed>,
+    pub feed: Arc<SourceInput>,
     pub live: bool,
     env: TaskEnv,
     gov: Governor,
@@ -255,7 +130,13 @@ pub struct SourceTask {
 }
 
 impl SourceTask {
-    pub fn new(feed: Arc<Feed>, spec: TaskSpec, fps: f64, live: bool, env: TaskEnv) -> SourceTask {
+    pub fn new(
+        feed: Arc<SourceInput>,
+        spec: TaskSpec,
+        fps: f64,
+        live: bool,
+        env: TaskEnv,
+    ) -> SourceTask {
         SourceTask {
             name: feed.name.clone(),
             gov: Governor::new(&env.governor, fps, live),
@@ -286,70 +167,6 @@ impl SourceTask {
             summary_total: 0,
             summary_inputs: (0, 0),
             recording_failed: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    /// A recording lost something it owes (see [`RecordingHooks::fail`]).
-    fn recording_lost(&self, what: String) {
-        if let Some(h) = &self.env.checkpoint {
-            self.recording_failed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            h.fail(what);
-        }
-    }
-
-    /// After a transcript window: transcript files synced, then the hooks sync the events
-    /// and move the checkpoint. Never past a window that was lost.
-    fn commit(&mut self, t: f64) {
-        let Some(h) = self.env.checkpoint.clone() else {
-            return;
-        };
-        if self
-            .recording_failed
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return;
-        }
-        if let Some(e) = self.feed.events.write_error() {
-            self.recording_lost(format!("writing events: {e}"));
-            return;
-        }
-        if let Some(f) = &self.transcript_files {
-            if let Err(e) = f.sync() {
-                self.recording_lost(format!("{e}"));
-                return;
-            }
-        }
-        if let Err(e) = summary::sync_kept(&self.unsynced_frames) {
-            self.recording_lost(format!("syncing summary frames: {e}"));
-            return;
-        }
-        self.unsynced_frames.clear();
-        if let Err(e) = h.commit(t, self.feed.events.position()) {
-            self.recording_lost(e);
-        }
-    }
-
-    /// Continue an interrupted recording: its committed transcript is kept (and the
-    /// transcript files rewritten from it).
-    pub fn resume(&mut self, r: &Resume) {
-        self.transcript = r.transcript.clone();
-        // The frames kept before the resume point come back from the recording's folder:
-        // the worker does not hand those frames over again.
-        if let (Some(dir), Some(after)) = (self.frames_dir(), r.frame_after) {
-            self.clip_frames = summary::kept_in(&dir)
-                .into_iter()
-                .filter(|f| f.t <= after + 1e-6)
-                .collect();
-            self.last_kept = self.clip_frames.last().map(|f| f.t);
-        }
-        if let Some((vtt, srt)) = &self.env.transcript_files {
-            match CaptionFiles::open_resume(vtt, srt, &self.transcript) {
-                Ok(f) => self.transcript_files = Some(f),
-                Err(e) => {
-                    tracing::error!(path = %vtt.display(), error = %e, "Cannot write the transcript.")
-                }
-            }
         }
     }
 
@@ -420,89 +237,10 @@ impl SourceTask {
     /// A frame the worker analysed: does it go to the model?
     pub fn on_frame(&mut self, frame: VideoFrame, motion: f64) -> Option<Job> {
         self.gov.note_input(frame.t);
-        let task = self.spec.task;
-        if task == TaskKind::Summarize {
-            // Kept for the windowed summary (at the end of a recording, every
-            // `summary_window_seconds` on a live source), not asked about one by one.
-            if summary::frame_due(self.last_kept, frame.t) {
-                self.last_kept = Some(frame.t);
-                match summary::KeptFrame::keep(&frame, self.frames_dir().as_deref()) {
-                    Ok(k) => {
-                        if let Some(p) = k.path() {
-                            self.unsynced_frames.push(p.to_path_buf());
-                        }
-                        self.clip_frames.push(k);
-                    }
-                    Err(e) => {
-                        tracing::error!(source = %self.name, error = %e, "Cannot keep a frame for the summary.");
-                        self.recording_lost(e);
-                    }
-                }
-            }
-            return self.rolling_summary_job(frame.t);
+        if self.spec.task == TaskKind::Summarize {
+            return self.keep_for_summary(frame);
         }
-        if !task.uses_video() {
-            return None;
-        }
-        if !self.gov.frame_due(frame.t, self.last_sent) {
-            self.skip(SkipReason::Rate);
-            return None;
-        }
-        let heartbeat = self
-            .last_sent
-            .is_none_or(|l| frame.t - l >= self.env.governor.heartbeat_seconds);
-        let moved = motion >= self.env.scene_threshold;
-        if !(heartbeat || moved || self.look_requested) {
-            self.skip(SkipReason::NoMotion);
-            return None;
-        }
-        self.look_requested = false;
-        self.last_sent = Some(frame.t);
-        self.gov.note_frame_sent(frame.t);
-        let frame = Arc::new(frame);
-        self.env
-            .live_board
-            .set_frame(&self.name, Arc::clone(&frame));
-        let captured = frame.captured;
-        let t = frame.t;
-        if task == TaskKind::Describe && self.spec.window_frames > 1 {
-            self.window.push(frame);
-            if self.window.len() < self.spec.window_frames as usize {
-                return None;
-            }
-            let frames = std::mem::take(&mut self.window);
-            let t0 = frames.first().map(|f| f.t).unwrap_or(t);
-            let mut job = self.job(JobClass::Frame, t0, t, captured);
-            job.prompt = self
-                .spec
-                .prompt
-                .clone()
-                .unwrap_or_else(|| self.env.prompts.describe_video.clone());
-            job.soft_tokens = VIDEO_FRAME_TOKENS;
-            job.video = frames;
-            return Some(job);
-        }
-        let mut job = self.job(JobClass::Frame, t, t, captured);
-        if task == TaskKind::ListenAndLook {
-            let voice_only = self.gov.audio_voice_only();
-            let any_voice = self.recent_audio.iter().any(|c| c.2);
-            if !voice_only || any_voice {
-                let mut samples = Vec::new();
-                let mut t0 = t;
-                for (ct, s, _) in &self.recent_audio {
-                    if samples.is_empty() {
-                        t0 = *ct;
-                    }
-                    samples.extend_from_slice(s);
-                }
-                if !samples.is_empty() {
-                    job.t = t0.min(t);
-                    job.audio = Some(Arc::new(samples));
-                }
-            }
-        }
-        job.frame = Some(frame);
-        Some(job)
+        self.look(frame, motion)
     }
 
     /// An audio chunk the worker analysed.
@@ -550,87 +288,6 @@ impl SourceTask {
         }
     }
 
-    /// Where `percept analyze` keeps this recording's summary frames.
-    fn frames_dir(&self) -> Option<PathBuf> {
-        self.env.checkpoint.as_ref().and_then(|h| h.frames_dir())
-    }
-
-    /// Live `summarize`: once `summary_window_seconds` of media have passed since the
-    /// window began, its frames and transcript lines become a summary request carrying
-    /// the previous rolling summary; what it used is then let go, so memory holds one
-    /// window at most. While a summary is still being made the window grows, its frames
-    /// thinned to one every two seconds, then four..., so it stays bounded.
-    fn rolling_summary_job(&mut self, now: f64) -> Option<Job> {
-        if !self.live {
-            return None;
-        }
-        let span = self.env.captions.summary_window_seconds;
-        let cap = (2.0 * span / summary::SUMMARY_FRAME_SECONDS)
-            .ceil()
-            .max(2.0) as usize;
-        while self.clip_frames.len() > cap {
-            let mut i = 0;
-            self.clip_frames.retain(|_| {
-                i += 1;
-                i % 2 == 1
-            });
-        }
-        if self.summary_busy || now - self.rolling_t0 < span {
-            return None;
-        }
-        let (t0, t1) = (self.rolling_t0, now);
-        self.rolling_t0 = now;
-        let lines: Vec<(f64, f64, String)> = self
-            .transcript
-            .iter()
-            .filter(|l| l.0 >= t0 && l.0 < t1)
-            .cloned()
-            .collect();
-        // Lines of earlier windows are not needed any more (live transcripts are endless).
-        self.transcript.retain(|l| l.0 >= t1);
-        let frames = std::mem::take(&mut self.clip_frames);
-        if frames.is_empty() && lines.is_empty() {
-            return None;
-        }
-        let budget = self.summary_budget();
-        let windows = summary::plan(&frames, &lines, t1, &budget);
-        self.start_summary(t0, windows, self.rolling_summary.clone())
-    }
-
-    fn summary_budget(&self) -> summary::WindowBudget {
-        summary::WindowBudget {
-            context_tokens: self.env.context,
-            answer_tokens: SUMMARY_TOKENS,
-            frame_tokens: VIDEO_FRAME_TOKENS + summary::FRAME_TEXT_TOKENS,
-            prompt_tokens: summary::prompt_tokens(&self.env.prompts.summarize),
-            max_seconds: self.env.captions.summary_window_seconds,
-        }
-    }
-
-    fn start_summary(
-        &mut self,
-        t0: f64,
-        windows: Vec<summary::SummaryWindow>,
-        previous: Option<String>,
-    ) -> Option<Job> {
-        self.summary_total = windows.len();
-        self.summary_inputs = windows
-            .iter()
-            .fold((0, 0), |(f, l), w| (f + w.frames.len(), l + w.lines.len()));
-        self.summary_windows = windows.into();
-        self.summary_t0 = t0;
-        let job = self.next_summary_job(previous.as_deref());
-        self.summary_busy = job.is_some();
-        job
-    }
-
-    fn caption_job(&self, w: AudioWindow, captured: Instant) -> Job {
-        let next = w.next_t0;
-        let mut j = self.audio_job(w.t0, w.samples, w.is_final, captured);
-        j.next_t0 = next;
-        j
-    }
-
     fn audio_job(&self, t0: f64, samples: Vec<f32>, is_final: bool, captured: Instant) -> Job {
         let end = t0 + samples.len() as f64 / f64::from(AUDIO_RATE);
         let class = if is_final {
@@ -672,86 +329,9 @@ impl SourceTask {
         }
     }
 
-    /// The first job of the recording's summary (task `summarize`), if there is anything
-    /// to summarize: the clip's frames and transcript cut into windows that fit the context
-    /// (see [`summary`]); the later windows follow one by one from [`SourceTask::on_answer`],
-    /// each carrying the summary so far.
-    pub fn summary_job(&mut self) -> Option<Job> {
-        if self.spec.task != TaskKind::Summarize
-            || (self.transcript.is_empty() && self.clip_frames.is_empty())
-        {
-            return None;
-        }
-        let end = self.transcript.last().map(|l| l.1).unwrap_or(0.0).max(
-            self.clip_frames
-                .last()
-                .map(|f| f.t + summary::SUMMARY_FRAME_SECONDS)
-                .unwrap_or(0.0),
-        );
-        if self.live {
-            // The rest of a live source's last rolling window.
-            let t0 = self.rolling_t0;
-            let lines: Vec<_> = self
-                .transcript
-                .iter()
-                .filter(|l| l.0 >= t0)
-                .cloned()
-                .collect();
-            let frames = std::mem::take(&mut self.clip_frames);
-            if self.summary_busy || (frames.is_empty() && lines.is_empty()) {
-                return None;
-            }
-            let windows = summary::plan(&frames, &lines, end.max(t0), &self.summary_budget());
-            return self.start_summary(t0, windows, self.rolling_summary.clone());
-        }
-        let windows = summary::plan(
-            &self.clip_frames,
-            &self.transcript,
-            end,
-            &self.summary_budget(),
-        );
-        // The frames now live in the windows only.
-        self.clip_frames = Vec::new();
-        self.start_summary(0.0, windows, None)
-    }
-
-    /// A removed source: what it holds for a summary is let go at once.
-    pub fn release(&mut self) {
-        self.clip_frames = Vec::new();
-        self.summary_windows.clear();
-        self.transcript = Vec::new();
-        self.window = Vec::new();
-        self.recent_audio.clear();
-    }
-
-    fn next_summary_job(&mut self, previous: Option<&str>) -> Option<Job> {
-        let w = self.summary_windows.pop_front()?;
-        let n = self.summary_total;
-        let k = n - self.summary_windows.len();
-        let mut j = self.job(JobClass::Text, w.t0, w.t1, Instant::now());
-        j.task = TaskKind::Summarize;
-        j.prompt = summary::window_prompt(&self.env.prompts.summarize, k, n, &w, previous);
-        j.max_tokens = SUMMARY_TOKENS;
-        j.soft_tokens = VIDEO_FRAME_TOKENS;
-        tracing::info!(source = %self.name, window = k, of = n, t0 = w.t0, t1 = w.t1, frames = w.frames.len(), lines = w.lines.len(), prompt = %j.prompt, "Summary window.");
-        // Decoded only now: one window's frames are in memory as RGB at a time.
-        let mut video = Vec::with_capacity(w.frames.len());
-        for f in &w.frames {
-            match f.load() {
-                Ok(v) => video.push(Arc::new(v)),
-                Err(e) => {
-                    tracing::error!(source = %self.name, error = %e, "A kept frame cannot be read; the summary goes on without it.");
-                    self.recording_lost(e);
-                }
-            }
-        }
-        j.video = video;
-        Some(j)
-    }
-
-    /// Jobs that will not run (superseded, unavailable...) are counted here.
+    /// A job that did not run (superseded, unavailable...), already counted by the
+    /// dispatch: a lost recording window, a `gap` for speech, a broken summary chain.
     pub fn on_skipped(&mut self, job: &Job, reason: SkipReason) {
-        self.skip(reason);
         self.summary_chain_broken(job);
         if matches!(job.class, JobClass::FinalAudio | JobClass::Text) {
             self.recording_lost(format!(
@@ -790,15 +370,6 @@ impl SourceTask {
                 raw: None,
             },
         );
-    }
-
-    /// A summary window that will not be answered ends its summary: the next (live) window
-    /// starts a new one.
-    fn summary_chain_broken(&mut self, job: &Job) {
-        if job.class == JobClass::Text && job.task == TaskKind::Summarize {
-            self.summary_windows.clear();
-            self.summary_busy = false;
-        }
     }
 
     fn count_error(&self, job: &Job) {
@@ -948,162 +519,7 @@ impl SourceTask {
             );
         }
     }
-
-    fn on_watch(&mut self, job: &Job, text: &str) -> Option<Job> {
-        match watch::parse_reply(text, &self.spec.questions) {
-            Ok(answers) => {
-                for a in answers {
-                    let alert = a.yes && a.confidence >= self.env.alerts.min_confidence;
-                    self.feed.events.answer(&self.name, &a.question, alert);
-                    if !alert {
-                        continue;
-                    }
-                    let snapshot = job.frame.as_ref().and_then(|f| self.snapshot(f));
-                    let body = Body::Alert {
-                        question: a.question,
-                        answer: "yes".into(),
-                        confidence: a.confidence,
-                        evidence: a.evidence,
-                        snapshot,
-                    };
-                    // Webhooks take alerts from the events (`tasks::webhook`).
-                    self.feed.emit(job.t, Some(job.end), body);
-                }
-                None
-            }
-            Err(problem) if job.attempt == 0 => {
-                let mut retry = job.clone();
-                retry.attempt = 1;
-                retry.class = JobClass::Text;
-                retry.prompt =
-                    watch::retry_prompt(&self.env.prompts.watch, &self.spec.questions, &problem);
-                Some(retry)
-            }
-            Err(problem) => {
-                self.count_error(job);
-                self.feed.emit(
-                    job.t,
-                    None,
-                    Body::Error {
-                        message: format!(
-                            "watch: the model's answer is not valid after a retry: {problem}"
-                        ),
-                        raw: Some(text.chars().take(2000).collect()),
-                    },
-                );
-                None
-            }
-        }
-    }
-
-    fn snapshot(&self, f: &VideoFrame) -> Option<String> {
-        if self.env.alerts.snapshot_dir.is_empty() {
-            return None;
-        }
-        let dir = PathBuf::from(&self.env.alerts.snapshot_dir).join(&self.name);
-        let jpeg = f.jpeg()?;
-        match std::fs::create_dir_all(&dir).and_then(|()| snapshot::write_new(&dir, f.t, &jpeg)) {
-            Ok(path) => Some(path.display().to_string()),
-            Err(e) => {
-                tracing::warn!(source = %self.name, error = %e, dir = %dir.display(), "Cannot write the alert snapshot.");
-                None
-            }
-        }
-    }
-
-    fn on_caption(&mut self, job: &Job, text: &str) {
-        let mut updates = match (job.class, job.next_t0) {
-            (JobClass::FinalAudio, Some(next)) => {
-                self.stabilizer.push_cut(job.t, job.end, text, next)
-            }
-            (class, _) => self
-                .stabilizer
-                .push(job.t, job.end, text, class == JobClass::FinalAudio),
-        };
-        if self.spec.task != TaskKind::Caption {
-            // Answered after the task changed: no later window will revise these words.
-            updates.extend(self.stabilizer.finish());
-        }
-        self.emit_captions(updates);
-    }
-
-    fn emit_captions(&mut self, updates: Vec<crate::caption::CaptionUpdate>) {
-        for u in updates {
-            if u.status == CaptionStatus::Final {
-                self.write_caption(u.t, u.end, &u.text);
-            }
-            self.feed.emit(
-                u.t,
-                Some(u.end),
-                Body::Caption {
-                    text: u.text,
-                    status: u.status,
-                },
-            );
-        }
-    }
-
-    fn write_transcript(&mut self, t: f64, end: f64, text: &str) {
-        if self.transcript_files.is_none() {
-            if let Some((vtt, srt)) = &self.env.transcript_files {
-                match CaptionFiles::create(vtt, srt) {
-                    Ok(f) => self.transcript_files = Some(f),
-                    Err(e) => {
-                        tracing::error!(path = %vtt.display(), error = %e, "Cannot write the transcript.");
-                        self.recording_lost(e.to_string());
-                        return;
-                    }
-                }
-            }
-        }
-        if let Some(f) = &mut self.transcript_files {
-            if let Err(e) = f.append(t, end, text) {
-                tracing::error!(source = %self.name, error = %e, "Cannot append to the transcript.");
-                self.recording_lost(e.to_string());
-            }
-        }
-    }
-
-    fn write_caption(&mut self, t: f64, end: f64, text: &str) {
-        let Some(dir) = &self.env.caption_dir else {
-            return;
-        };
-        if self.captions.is_none() && !self.caption_error {
-            let vtt = dir.join(format!("{}.vtt", self.name));
-            let srt = dir.join(format!("{}.srt", self.name));
-            let made = std::fs::create_dir_all(dir)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    CaptionFiles::continue_or_create(&vtt, &srt).map_err(|e| e.to_string())
-                });
-            match made {
-                Ok(f) => self.captions = Some(f),
-                Err(e) => {
-                    self.caption_error = true;
-                    tracing::error!(source = %self.name, dir = %dir.display(), error = %e, "Cannot write caption files.");
-                }
-            }
-        }
-        if let Some(f) = &mut self.captions {
-            if let Err(e) = f.append(t, end, text) {
-                tracing::error!(source = %self.name, error = %e, "Cannot append a caption.");
-            }
-        }
-    }
-}
-
-/// Valid subtitle files with no cue (a recording without speech).
-pub fn empty_transcript_files(
-    vtt: &std::path::Path,
-    srt: &std::path::Path,
-) -> Result<(), crate::caption::CaptionFileError> {
-    CaptionFiles::create(vtt, srt).map(|_| ())
 }
 
 #[cfg(test)]
 mod tests;
-
-fn mmss(t: f64) -> String {
-    let s = t.max(0.0) as u64;
-    format!("{:02}:{:02}", s / 60, s % 60)
-}

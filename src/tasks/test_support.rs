@@ -1,16 +1,17 @@
 //! Test helpers: a source's feed, queues and task without a graph or a model.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 
+use super::reply::{Reply, ReplyTo};
 use super::{SourceTask, TaskEnv, TaskSpec};
 use crate::config::{AlertConfig, CaptionConfig, GovernorConfig, TaskKind, TaskPrompts};
 use crate::control::LiveBoard;
 use crate::event::Event;
-use crate::ingest::{AudioChunk, Feed, VideoFrame};
+use crate::ingest::{AudioChunk, SourceInput, VideoFrame};
 use crate::metrics::Metrics;
 use crate::queue::{bounded, ByteBudget, QueueRx, WhenFull};
 use crate::sink::Events;
@@ -39,7 +40,7 @@ pub fn env() -> TaskEnv {
 /// One source as `percept run` wires it: its feed, the worker's ends of its queues, and
 /// every event it emits.
 pub struct TestSource {
-    pub feed: Arc<Feed>,
+    pub feed: Arc<SourceInput>,
     pub video: QueueRx<VideoFrame>,
     pub audio: QueueRx<AudioChunk>,
     pub events: Receiver<Event>,
@@ -63,7 +64,7 @@ pub fn source(
     let (atx, audio) = bounded(8, apol, budget.clone(), stop);
     let sink = Events::with_writer(None);
     let events = sink.subscribe(10_000);
-    let feed = Feed::new(name.to_string(), vtx, atx, metrics.clone(), sink);
+    let feed = SourceInput::new(name.to_string(), vtx, atx, metrics.clone(), sink);
     TestSource {
         feed,
         video,
@@ -72,21 +73,21 @@ pub fn source(
     }
 }
 
+/// Where a source's outcomes go, and the worker's end of that channel.
+pub fn reply_to(metrics: &Arc<Metrics>) -> (ReplyTo, Receiver<Reply>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    (ReplyTo::new(tx, metrics.clone()), rx)
+}
+
 /// A task of `kind` for `feed`.
-pub fn task(feed: &Arc<Feed>, kind: TaskKind, live: bool) -> Arc<Mutex<SourceTask>> {
+pub fn task(feed: &Arc<SourceInput>, kind: TaskKind, live: bool) -> SourceTask {
     let spec = TaskSpec {
         task: kind,
         questions: Vec::new(),
         prompt: None,
         window_frames: 1,
     };
-    Arc::new(Mutex::new(SourceTask::new(
-        feed.clone(),
-        spec,
-        5.0,
-        live,
-        env(),
-    )))
+    SourceTask::new(feed.clone(), spec, 5.0, live, env())
 }
 
 /// A small grey frame at media time `t`.

@@ -6,7 +6,6 @@ use std::time::Instant;
 use super::test_support::{source, task};
 use super::*;
 use crate::event::{Body, CaptionStatus};
-use crate::lock;
 use crate::metrics::Metrics;
 use crate::queue::ByteBudget;
 
@@ -58,8 +57,8 @@ fn switching_away_from_caption_makes_held_words_final() {
     let metrics = Arc::new(Metrics::new());
     let budget = ByteBudget::new(1 << 20);
     let s = source("mic", true, &metrics, &budget);
-    let t = task(&s.feed, TaskKind::Caption, true);
-    let follow = lock(&t).on_answer(
+    let mut t = task(&s.feed, TaskKind::Caption, true);
+    let follow = t.on_answer(
         &caption_job(JobClass::PartialAudio, 0.0, 2.0),
         &answer("the birds are singing"),
     );
@@ -71,9 +70,9 @@ fn switching_away_from_caption_makes_held_words_final() {
     );
     assert!(!before.is_empty());
 
-    let mut spec = lock(&t).spec.clone();
+    let mut spec = t.spec.clone();
     spec.task = TaskKind::Describe;
-    lock(&t).set_spec(spec);
+    t.set_spec(spec);
     let after = captions(&s.events);
     let finals: Vec<&str> = after
         .iter()
@@ -83,7 +82,7 @@ fn switching_away_from_caption_makes_held_words_final() {
     assert_eq!(finals.join(" "), "the birds are singing", "{after:?}");
 
     // A caption window answered after the switch is final at once.
-    lock(&t).on_answer(
+    t.on_answer(
         &caption_job(JobClass::PartialAudio, 4.0, 6.0),
         &answer("and the river runs"),
     );
@@ -101,14 +100,14 @@ fn new_questions_keep_the_task_state() {
     let metrics = Arc::new(Metrics::new());
     let budget = ByteBudget::new(1 << 20);
     let s = source("mic", true, &metrics, &budget);
-    let t = task(&s.feed, TaskKind::Caption, true);
-    lock(&t).on_answer(
+    let mut t = task(&s.feed, TaskKind::Caption, true);
+    t.on_answer(
         &caption_job(JobClass::PartialAudio, 0.0, 2.0),
         &answer("the birds are singing"),
     );
     let _ = captions(&s.events);
-    let mut spec = lock(&t).spec.clone();
+    let mut spec = t.spec.clone();
     spec.prompt = Some("Transcribe.".into());
-    lock(&t).set_spec(spec);
+    t.set_spec(spec);
     assert!(captions(&s.events).is_empty());
 }
