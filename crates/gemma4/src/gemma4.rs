@@ -155,6 +155,7 @@ impl Gemma4 {
             prefill_chunk,
             stop_ids: self.stop_ids.clone(),
             placeholders: self.placeholders(),
+            turn_start: self.tokenizer.as_ref().and_then(|t| t.special.turn_start),
         }
     }
 

@@ -75,6 +75,9 @@ pub struct GenerateOptions {
     /// Ids that end a request (generation_config `eos_token_id` and the config's).
     pub stop_ids: Vec<u32>,
     pub placeholders: PlaceholderIds,
+    /// The chat template's turn opener (`<|turn>`): where a kept prompt prefix may end
+    /// ([`crate::prefix`]).
+    pub turn_start: Option<u32>,
 }
 
 /// Picks the next token from `[vocab]` f32 logits.
@@ -130,6 +133,8 @@ struct Active {
     /// Prompt positions the cache held at the start (a kept prefix); `embeds`, `ple` and
     /// `block_ids` cover the prompt from here on.
     base: usize,
+    /// Of `base`, positions copied from a kept prefix.
+    cached: usize,
     embeds: Tensor,
     ple: Option<Tensor>,
     block_ids: Vec<i64>,
@@ -191,6 +196,7 @@ fn run_batch(
             .iter()
             .map(|_| Start {
                 cache: model.new_cache(),
+                held: 0,
                 reused: 0,
             })
             .collect(),
@@ -198,19 +204,15 @@ fn run_batch(
     let mut act = Vec::with_capacity(requests.len());
     for (r, st) in requests.iter().zip(starts) {
         // A kept prefix holds no media placeholder, so every soft token lands in the rest.
-        let pe = embed_prompt(
-            model,
-            &r.input_ids[st.reused..],
-            &r.soft,
-            &opts.placeholders,
-        )?;
+        let pe = embed_prompt(model, &r.input_ids[st.held..], &r.soft, &opts.placeholders)?;
         act.push(Active {
             cache: st.cache,
-            base: st.reused,
+            base: st.held,
+            cached: st.reused,
             embeds: pe.embeds,
             ple: pe.ple,
             block_ids: pe.block_ids,
-            prefilled: st.reused,
+            prefilled: st.held,
             prompt_len: r.input_ids.len(),
             out: Vec::new(),
             done: if r.max_new_tokens == 0 {
@@ -342,7 +344,7 @@ fn run_batch(
             output_ids: a.out,
             stop: a.done.unwrap_or(StopReason::Length),
             prompt_tokens: a.prompt_len,
-            cached_prompt_tokens: a.base,
+            cached_prompt_tokens: a.cached,
             prefill_s,
             decode_s,
         })

@@ -16,11 +16,15 @@
 //! must not be split) and always leaves at least one prompt token to prefill (the first
 //! answer token comes from the last prompt row's logits).
 //!
-//! **Which prefix.** Requests carry no "this is the system prompt" marker, so the prefix is
-//! read from the prompts: the longest run before the first media placeholder that a request
-//! shares with another request of its batch or with one of the last [`SEEN`] prompts. A
-//! prefix is built the second time it is seen (one extra forward over it, which the request
-//! that sees it second then does not prefill) and used from then on.
+//! **Which prefix, and the same answer whatever came before.** A request's prefix is its
+//! own shareable part: everything before its first media placeholder (never the last prompt
+//! token), when at least [`PrefixLimits::min_tokens`] long. With reuse on, every such request
+//! prefills that part alone from an empty cache and then the rest, whether or not a copy is
+//! kept, so its numbers (and a long greedy answer of a random test model, which any rounding
+//! difference would change) never depend on what the process saw before: a resumed
+//! recording, or one shard of a fleet, answers exactly as a single run does. The part is kept
+//! (LRU) the second time it is seen, in this batch or among the last [`SEEN`] prompts, and
+//! requests after that start from a copy of it.
 //!
 //! **Not reused: the overlap of consecutive caption windows.** A caption window's audio soft
 //! tokens come from the audio tower over the whole clip (its conformer attends across the
@@ -104,14 +108,11 @@ struct Inner {
 }
 
 impl Inner {
-    /// Index of the longest kept prefix of `ids` for `model`.
-    fn longest(&self, model: u64, ids: &[u32]) -> Option<usize> {
+    /// Index of the kept prefix that is exactly `ids` for `model`.
+    fn exact(&self, model: u64, ids: &[u32]) -> Option<usize> {
         self.entries
             .iter()
-            .enumerate()
-            .filter(|(_, e)| e.model == model && ids.starts_with(&e.ids))
-            .max_by_key(|(_, e)| e.ids.len())
-            .map(|(i, _)| i)
+            .position(|e| e.model == model && e.ids == ids)
     }
 
     fn insert(&mut self, e: Entry) {
@@ -145,6 +146,9 @@ impl Inner {
 /// Where one request starts: its cache and how many prompt tokens that cache already holds.
 pub struct Start {
     pub cache: SeqCache,
+    /// Prompt positions the cache holds (the request prefills from there).
+    pub held: usize,
+    /// Of those, the positions copied from a kept prefix (not computed for this request).
     pub reused: usize,
 }
 
@@ -229,6 +233,7 @@ impl PrefixCache {
                 .iter()
                 .map(|_| Start {
                     cache: model.new_cache(),
+                    held: 0,
                     reused: 0,
                 })
                 .collect());
@@ -238,65 +243,63 @@ impl PrefixCache {
             .iter()
             .map(|r| &r.input_ids[..shareable_len(&r.input_ids, &opts.placeholders)])
             .collect();
-        // Prefixes to build: what a request shares with the others or with a recent prompt,
-        // when that is longer than what is kept for it by at least `min_tokens`.
-        let mut builds: Vec<&[u32]> = Vec::new();
-        for (i, ids) in own.iter().enumerate() {
-            let kept = g.longest(id, ids).map(|e| g.entries[e].ids.len());
-            let shared = own
-                .iter()
-                .enumerate()
-                .filter(|&(j, _)| j != i)
-                .map(|(_, o)| common_len(ids, o))
-                .chain(g.seen.iter().map(|s| common_len(ids, s)))
-                .max()
-                .unwrap_or(0);
-            if shared >= kept.unwrap_or(0) + g.limits.min_tokens {
-                builds.push(&ids[..shared]);
-            }
-        }
-        // Shortest first, so a longer prefix extends a shorter one built just before it.
-        builds.sort_by_key(|b| b.len());
-        builds.dedup();
-        for ids in builds {
-            let base = g.longest(id, ids);
-            let (cache, from) = match base {
-                Some(e) if g.entries[e].ids.len() == ids.len() => continue,
-                Some(e) => (g.entries[e].cache.deep_copy()?, g.entries[e].ids.len()),
-                None => (model.new_cache(), 0),
-            };
-            // Kept without the spare rows a live cache allocates (at least 64 per layer:
-            // 42 MiB of f32 K/V on the 12B's layers for a 6-token prefix).
-            let cache = prefill_text(model, opts, cache, &ids[from..])?.compacted()?;
-            g.stats.prefix_tokens += (ids.len() - from) as u64;
-            g.stats.prefixes_built += 1;
-            let bytes = cache.bytes();
-            g.insert(Entry {
-                model: id,
-                ids: ids.to_vec(),
-                cache,
-                bytes,
-            });
-        }
+        let cuts: Vec<Vec<usize>> = own
+            .iter()
+            .map(|ids| boundaries(ids, opts.turn_start, g.limits.min_tokens))
+            .collect();
         let mut out = Vec::with_capacity(requests.len());
-        for ids in &own {
-            g.remember(ids);
-            match g.longest(id, ids) {
-                Some(e) => {
+        for (i, &ids) in own.iter().enumerate() {
+            // The request's prompt splits at its own boundaries whatever was seen before, and
+            // each part is prefilled onto the part before it: a kept copy and a fresh
+            // computation hold the same values, so the answer never depends on history.
+            let mut cache = None;
+            let mut held = 0;
+            let mut reused = 0;
+            for &end in &cuts[i] {
+                let part = &ids[..end];
+                if let Some(e) = g.exact(id, part) {
                     g.touch(e);
-                    let hit = &g.entries[0];
-                    let reused = hit.ids.len();
-                    out.push(Start {
-                        cache: hit.cache.deep_copy()?,
-                        reused,
-                    });
-                    g.stats.reused_tokens += reused as u64;
+                    cache = Some(g.entries[0].cache.deep_copy()?);
+                    (held, reused) = (end, end);
+                    continue;
                 }
-                None => out.push(Start {
-                    cache: model.new_cache(),
-                    reused: 0,
-                }),
+                let shared = own
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| j != i && o.starts_with(part))
+                    || g.seen.iter().any(|s| s.starts_with(part));
+                let base = match cache.take() {
+                    Some(c) => c,
+                    None => model.new_cache(),
+                };
+                let built = prefill_text(model, opts, base, &ids[held..end])?;
+                if shared {
+                    // Kept the second time it is seen; requests from here on copy it.
+                    let kept = built.compacted()?;
+                    let bytes = kept.bytes();
+                    g.stats.prefix_tokens += (end - held) as u64;
+                    g.stats.prefixes_built += 1;
+                    g.insert(Entry {
+                        model: id,
+                        ids: part.to_vec(),
+                        cache: kept,
+                        bytes,
+                    });
+                    cache = Some(g.entries[0].cache.deep_copy()?);
+                    reused = end;
+                } else {
+                    // Computed for this request alone: part of its own prefill.
+                    cache = Some(built);
+                }
+                held = end;
             }
+            g.remember(ids);
+            g.stats.reused_tokens += reused as u64;
+            out.push(Start {
+                cache: cache.unwrap_or_else(|| model.new_cache()),
+                held,
+                reused,
+            });
         }
         Ok(out)
     }
@@ -310,6 +313,26 @@ pub fn shareable_len(ids: &[u32], ph: &PlaceholderIds) -> usize {
         .position(|&t| t == ph.image || t == ph.video || t == ph.audio)
         .unwrap_or(ids.len());
     media.min(ids.len().saturating_sub(1))
+}
+
+/// Where a request's prompt is split for reuse: before each chat turn that starts inside its
+/// shareable part, and at the end of that part; parts shorter than `min_tokens` from the start
+/// are not split off.
+pub fn boundaries(shareable: &[u32], turn_start: Option<u32>, min_tokens: usize) -> Vec<usize> {
+    let mut cuts: Vec<usize> = turn_start
+        .map(|t| {
+            shareable
+                .iter()
+                .enumerate()
+                .filter(|&(p, &id)| id == t && p > 0)
+                .map(|(p, _)| p)
+                .collect()
+        })
+        .unwrap_or_default();
+    cuts.push(shareable.len());
+    cuts.retain(|&c| c >= min_tokens.max(1));
+    cuts.dedup();
+    cuts
 }
 
 /// Length of the common start of `a` and `b`.

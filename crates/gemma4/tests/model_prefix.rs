@@ -105,17 +105,19 @@ fn reuse_gives_the_same_tokens(dir: &Path, dtype: DType) {
 
     let got_first = g.generate(&first, CHUNK, &mut |_, _| {}).unwrap();
     assert_eq!(tokens(&got_first), want_first, "first batch");
-    // The three SYS_A requests share their system turn: built once in this batch and used
-    // by all three; SYS_B shares only the template's opening with them.
+    // The three SYS_A requests share their system turn (a prompt splits before each chat
+    // turn and before its first media): built once in this batch and used by all three;
+    // SYS_B shares nothing with them that ends at one of its own splits.
     let ph = g.placeholders();
-    let sys_a_turn = shareable_len(&first[0].input_ids, &ph).min(
-        first[0]
-            .input_ids
-            .iter()
-            .zip(&first[3].input_ids)
-            .take_while(|(a, b)| a == b)
-            .count(),
-    );
+    let turn = g.tokenizer.as_ref().unwrap().special.turn_start.unwrap();
+    let sys_a_turn = first[3]
+        .input_ids
+        .iter()
+        .enumerate()
+        .skip(2)
+        .find(|&(_, &t)| t == turn)
+        .map(|(p, _)| p)
+        .unwrap();
     assert!(sys_a_turn > 20, "system turn of {sys_a_turn} tokens");
     for i in [0, 1, 3] {
         assert!(
@@ -123,6 +125,8 @@ fn reuse_gives_the_same_tokens(dir: &Path, dtype: DType) {
             "request {i}"
         );
     }
+    assert_eq!(got_first[3].cached_prompt_tokens, sys_a_turn);
+    assert_eq!(got_first[2].cached_prompt_tokens, 0);
     // The two image requests also share the text up to the image.
     assert_eq!(
         got_first[0].cached_prompt_tokens,
@@ -177,9 +181,11 @@ fn gemma4_unified_fixture_reuses_prefixes_with_the_same_tokens() {
 fn generated_checkpoint_text_prompts_reuse_the_shared_instruction() {
     let dir = write_tiny_checkpoint(&temp_model_dir("prefix-gen"), &TinySpec::default()).unwrap();
     let g = load(&dir, DType::F32);
+    let turn = g.tokenizer.as_ref().unwrap().special.turn_start.unwrap();
     let instr: Vec<u32> = (0..40).map(|i| 282 + ((i * 7) % 90) as u32).collect();
+    // The question opens a new turn: the instruction before it is a prefix of its own.
     let req = |tail: &[u32]| Request {
-        input_ids: instr.iter().chain(tail).copied().collect(),
+        input_ids: instr.iter().chain(&[turn]).chain(tail).copied().collect(),
         soft: SoftTokens::default(),
         max_new_tokens: 10,
         sampling: Sampling::default(),
@@ -202,9 +208,9 @@ fn generated_checkpoint_text_prompts_reuse_the_shared_instruction() {
     assert_eq!(got_b[0].cached_prompt_tokens, 40);
     // b[1] repeats a[0]: all of its prompt but the last token was seen before, so that
     // longer prefix is built on top of the kept 40 and used at once.
-    assert_eq!(got_b[1].cached_prompt_tokens, 45);
+    assert_eq!(got_b[1].cached_prompt_tokens, 46);
     assert_eq!(g.prefixes.kept().len(), 2);
-    assert_eq!(g.prefixes.stats().prefix_tokens, 45);
+    assert_eq!(g.prefixes.stats().prefix_tokens, 46);
 }
 
 /// The LRU keeps at most `entries` prefixes, and a prefix evicted is rebuilt when needed.
@@ -216,10 +222,11 @@ fn the_lru_is_bounded_and_rebuilds_what_it_evicted() {
         entries: 2,
         ..PrefixLimits::default()
     });
+    let turn = g.tokenizer.as_ref().unwrap().special.turn_start.unwrap();
     let req = |k: u32, tail: u32| Request {
         input_ids: (0..12)
             .map(|i| 282 + k * 13 + i)
-            .chain([tail, tail + 1])
+            .chain([turn, tail, tail + 1])
             .collect(),
         soft: SoftTokens::default(),
         max_new_tokens: 4,
@@ -238,4 +245,40 @@ fn the_lru_is_bounded_and_rebuilds_what_it_evicted() {
     assert_eq!(tokens(&out), want);
     assert_eq!(out[0].cached_prompt_tokens, 12);
     assert_eq!(g.prefixes.stats().prefixes_built, 4);
+}
+
+/// A request's answer does not depend on what the process generated before: alone on a fresh
+/// model (its prefix computed for it) and after requests that made its prefix kept (copied),
+/// a long greedy answer of a random model, which any rounding difference changes, is the
+/// same. A resumed recording or one shard of a fleet answers as a single run does.
+#[test]
+fn answers_do_not_depend_on_what_came_before() {
+    let dir = write_tiny_checkpoint(&temp_model_dir("prefix-hist"), &TinySpec::default()).unwrap();
+    let turn = {
+        let g = load(&dir, DType::F32);
+        g.tokenizer.as_ref().unwrap().special.turn_start.unwrap()
+    };
+    let instr: Vec<u32> = (0..30).map(|i| 282 + ((i * 11) % 90) as u32).collect();
+    let req = |tail: &[u32]| Request {
+        input_ids: instr.iter().chain(&[turn]).chain(tail).copied().collect(),
+        soft: SoftTokens::default(),
+        max_new_tokens: 48,
+        sampling: Sampling::default(),
+    };
+    let x = req(&[300, 301, 302, 303, 304, 305, 306, 307, 308, 309]);
+    let alone = load(&dir, DType::F32);
+    let first = alone
+        .generate(std::slice::from_ref(&x), 7, &mut |_, _| {})
+        .unwrap();
+    assert_eq!(first[0].cached_prompt_tokens, 0);
+    let busy = load(&dir, DType::F32);
+    for tail in [[310u32, 311], [320, 321], [330, 331]] {
+        busy.generate(&[req(&tail)], 5, &mut |_, _| {}).unwrap();
+    }
+    let later = busy
+        .generate(std::slice::from_ref(&x), 7, &mut |_, _| {})
+        .unwrap();
+    assert_eq!(later[0].cached_prompt_tokens, 30);
+    assert_eq!(later[0].output_ids.len(), 48);
+    assert_eq!(later[0].output_ids, first[0].output_ids);
 }
