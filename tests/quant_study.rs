@@ -158,13 +158,15 @@ fn quant_study_on_the_unified_fixture() {
         assert!(k.teacher_forced.kl_mean < 0.4, "{k:?}");
     }
     // Keeping the table/lm_head at f16 brings the text continuation back (measured 8/12 ->
-    // 12/12, KL 0.216 -> 0.048).
+    // 12/12, KL 0.041 -> 0.029 since q8_0 multiplies its compact blocks through qmm; 0.216 ->
+    // 0.048 with candle's repacked q8_0 path before).
     let (n, k) = (
         row(&rows, "q8_0", "none", "text"),
         row(&rows, "q8_0", "projections", "text"),
     );
     assert_eq!(k.greedy_prefix, 12);
-    assert!(k.greedy.kl_mean < n.greedy.kl_mean / 2.0, "{n:?} {k:?}");
+    assert!(n.greedy_prefix < 12, "{n:?}");
+    assert!(k.greedy.kl_mean < n.greedy.kl_mean, "{n:?} {k:?}");
     // q4k: no decoder row fills a 256-block here, so text and audio are exactly f32...
     for p in ["text", "audio"] {
         let r = row(&rows, "q4k", "none", p);
