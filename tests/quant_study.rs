@@ -165,6 +165,7 @@ fn quant_study_on_the_unified_fixture() {
         row(&rows, "q8_0", "projections", "text"),
     );
     assert_eq!(k.greedy_prefix, 12);
+    assert!(n.greedy_prefix < 12, "{n:?}");
     assert!(k.greedy.kl_mean < n.greedy.kl_mean, "{n:?} {k:?}");
     // q4k: no decoder row fills a 256-block here, so text and audio are exactly f32...
     for p in ["text", "audio"] {
