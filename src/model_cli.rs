@@ -387,8 +387,7 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
         top_p: a.top_p,
         seed: a.seed,
     };
-    let prompt_text = prompt.render(tok)?;
-    let req = prompt.request(tok, a.max_tokens, sampling)?;
+    let (prompt_text, req) = prompt.rendered_request(tok, a.max_tokens, sampling)?;
     let input_ids = req.input_ids.clone();
     let image_tokens = input_ids
         .iter()

@@ -420,17 +420,6 @@ fn random_blocks(type_id: u32, rng: &mut SplitMix64, buf: &mut [u8]) {
     }
 }
 
-/// Bytes of one block of `type_id` (1 element for dense types, in bytes).
-fn block_bytes(type_id: u32) -> usize {
-    match type_id {
-        Q8_0 => 34,
-        Q4_K => 144,
-        Q6_K => 210,
-        F16 => 2,
-        _ => 4,
-    }
-}
-
 /// Writes the benchmark GGUF for `cfg` at `quant` to `path`; returns its size in bytes.
 pub fn write(path: &Path, cfg: &TextConfig, quant: FileQuant, seed: u64) -> anyhow::Result<u64> {
     let (meta, planned) = plan(cfg, quant)?;
@@ -447,7 +436,7 @@ pub fn write(path: &Path, cfg: &TextConfig, quant: FileQuant, seed: u64) -> anyh
         match p.fill {
             Fill::Random => {
                 let mut rng = SplitMix64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
-                let bb = block_bytes(p.out.type_id);
+                let bb = crate::model::gguf::block_layout(p.out.type_id).map_or(1, |l| l.1);
                 // About 4 MiB of whole blocks at a time.
                 let chunk = ((4usize << 20) / bb).max(1) * bb;
                 let mut buf = vec![0u8; chunk.min(p.out.nbytes)];

@@ -159,6 +159,11 @@ const GGML_TYPES: &[(u32, &str, usize, usize)] = &[
 /// The types percept reads, as listed in errors.
 pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K";
 
+/// Elements and bytes per block of a ggml type id (1 element for dense types).
+pub fn block_layout(id: u32) -> Option<(usize, usize)> {
+    GGML_TYPES.iter().find(|t| t.0 == id).map(|t| (t.2, t.3))
+}
+
 /// Name of a ggml type id (`type 77` when unknown).
 pub fn type_name(id: u32) -> String {
     GGML_TYPES
@@ -391,11 +396,7 @@ impl GgufFile {
         let mut tensors = Vec::with_capacity(raw.len());
         let mut index = HashMap::new();
         for (name, shape, ty, off) in raw {
-            let (bs, bb) = GGML_TYPES
-                .iter()
-                .find(|t| t.0 == ty)
-                .map(|t| (t.2, t.3))
-                .unwrap_or((1, 0));
+            let (bs, bb) = block_layout(ty).unwrap_or((1, 0));
             let elems: usize = shape.iter().product();
             let inner = shape.last().copied().unwrap_or(1);
             if bb > 0 && !inner.is_multiple_of(bs) {

@@ -164,17 +164,8 @@ impl Write for Counting<'_> {
     }
 }
 
-/// Bytes of `rows x cols` elements of ggml type `type_id`.
+/// Bytes of a tensor of ggml type `type_id` and `shape` (0 for an unknown type).
 pub fn nbytes(type_id: u32, shape: &[usize]) -> usize {
     let elems: usize = shape.iter().product();
-    match type_id {
-        0 => elems * 4,
-        1 | 30 => elems * 2,
-        8 => elems / 32 * 34,
-        2 => elems / 32 * 18,
-        12 => elems / 256 * 144,
-        13 => elems / 256 * 176,
-        14 => elems / 256 * 210,
-        _ => 0,
-    }
+    super::gguf::block_layout(type_id).map_or(0, |(per_block, bytes)| elems / per_block * bytes)
 }

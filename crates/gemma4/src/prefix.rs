@@ -335,11 +335,6 @@ pub fn boundaries(shareable: &[u32], turn_start: Option<u32>, min_tokens: usize)
     cuts
 }
 
-/// Length of the common start of `a` and `b`.
-pub fn common_len(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
 /// Prefills text-only `ids` onto `cache`, in chunks of `opts.prefill_chunk`, without logits.
 fn prefill_text(
     model: &TextModel,
@@ -387,13 +382,6 @@ mod tests {
         assert_eq!(shareable_len(&[100, 5], &ph()), 0);
         assert_eq!(shareable_len(&[5], &ph()), 0);
         assert_eq!(shareable_len(&[], &ph()), 0);
-    }
-
-    #[test]
-    fn common_len_counts_the_shared_start() {
-        assert_eq!(common_len(&[1, 2, 3], &[1, 2, 4]), 2);
-        assert_eq!(common_len(&[1, 2], &[1, 2, 3]), 2);
-        assert_eq!(common_len(&[9], &[1]), 0);
     }
 
     #[test]

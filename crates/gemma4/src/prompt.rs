@@ -109,12 +109,6 @@ impl Prompt {
         Ok(tok.expand_media(&rendered, &self.media)?)
     }
 
-    /// The prompt ids (media expanded) and the soft tokens that fill them.
-    pub fn encode(self, tok: &Gemma4Tokenizer) -> Result<(Vec<u32>, SoftTokens), ModelError> {
-        let text = self.render(tok)?;
-        Ok((tok.encode(&text)?, self.soft))
-    }
-
     /// A generation request for this prompt.
     pub fn request(
         self,
@@ -122,12 +116,23 @@ impl Prompt {
         max_new_tokens: usize,
         sampling: Sampling,
     ) -> Result<Request, ModelError> {
-        let (input_ids, soft) = self.encode(tok)?;
-        Ok(Request {
-            input_ids,
-            soft,
+        Ok(self.rendered_request(tok, max_new_tokens, sampling)?.1)
+    }
+
+    /// [`Prompt::request`] with the prompt text it encoded (see [`Prompt::render`]).
+    pub fn rendered_request(
+        self,
+        tok: &Gemma4Tokenizer,
+        max_new_tokens: usize,
+        sampling: Sampling,
+    ) -> Result<(String, Request), ModelError> {
+        let text = self.render(tok)?;
+        let request = Request {
+            input_ids: tok.encode(&text)?,
+            soft: self.soft,
             max_new_tokens,
             sampling,
-        })
+        };
+        Ok((text, request))
     }
 }
