@@ -34,7 +34,7 @@ pub use crate::run::config::{RunConfig, DEFAULT_FPS, MAX_DRAIN_SECONDS};
 pub use crate::signal::AnalysisConfig;
 pub use crate::sink::config::{MqttConfig, OutboxConfig};
 pub use crate::tasks::config::{
-    AlertConfig, GovernorConfig, TaskKind, TaskPrompts, DEFAULT_PROMPTS_TOML,
+    AlertConfig, GovernorConfig, Instructions, TaskKind, TaskPrompts, DEFAULT_PROMPTS_TOML,
 };
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
@@ -317,6 +317,22 @@ mod tests {
             assert!(!text.trim().is_empty(), "config/prompts.toml lost a prompt");
         }
         assert!(p.watch.contains("{questions}"));
+    }
+
+    #[test]
+    fn instructions_placement_parses_and_rejects_unknown_values() {
+        assert_eq!(Config::default().tasks.instructions, Instructions::System);
+        let cfg = Config::parse("[tasks]\ninstructions = \"user\"\n").unwrap();
+        assert_eq!(cfg.tasks.instructions, Instructions::User);
+        // The other prompts keep their defaults.
+        assert_eq!(cfg.tasks.describe, TaskPrompts::default().describe);
+        let e = Config::parse("[tasks]\ninstructions = \"sideways\"\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            e.contains("instructions") && e.contains("sideways") && e.contains("system"),
+            "{e}"
+        );
     }
 
     #[test]

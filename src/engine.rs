@@ -10,7 +10,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::ModelConfig;
+use crate::config::{Instructions, ModelConfig};
 use crate::control::{LiveBoard, ModelStatus};
 use crate::ingest::VideoFrame;
 use crate::metrics::Metrics;
@@ -296,7 +296,9 @@ impl Engine {
     }
 }
 
-/// The chat prompt of a job (media first, then the task's text), with its soft tokens.
+/// The chat prompt of a job, with its soft tokens: the task's text in a system turn and the
+/// media alone in the user turn, or media first and then the task's text in the user turn
+/// (`[tasks] instructions`; a job without media always takes the second form).
 pub fn build_request(model: &Gemma4, enc: &TowerEncoder, job: &Job) -> Result<Request, String> {
     let tok = model
         .tokenizer
@@ -305,6 +307,11 @@ pub fn build_request(model: &Gemma4, enc: &TowerEncoder, job: &Job) -> Result<Re
     let rgb = |f: &VideoFrame| RgbImage::new(f.width as usize, f.height as usize, f.rgb.clone());
     let err = |e: ModelError| e.to_string();
     let mut prompt = Prompt::new();
+    let has_media = job.frame.is_some() || !job.video.is_empty() || job.audio.is_some();
+    let in_system = has_media && job.instructions == Instructions::System;
+    if in_system {
+        prompt.system(&job.prompt);
+    }
     if let Some(f) = &job.frame {
         let t = enc
             .encode_rgb(model, &rgb(f), job.soft_tokens)
@@ -328,7 +335,9 @@ pub fn build_request(model: &Gemma4, enc: &TowerEncoder, job: &Job) -> Result<Re
             .audio(enc.encode_samples(model, a).map_err(err)?)
             .map_err(err)?;
     }
-    prompt.text(&job.prompt);
+    if !in_system {
+        prompt.text(&job.prompt);
+    }
     prompt
         .request(tok, job.max_tokens, Sampling::default())
         .map_err(err)

@@ -8,7 +8,8 @@
 //! request), so each request carries both modalities.
 //!
 //! Each source count runs with prompt-prefix reuse off and on (`--prefix-cache`; see
-//! `model::prefix`), and each row reports the prompt tokens per request, the tokens the
+//! `model::prefix`) and, with `--instructions user,system`, with the task's prompt after the
+//! media and in a system turn before it (`[tasks] instructions`); each row reports the prompt tokens per request, the tokens the
 //! decoder computed per request (prefix builds included) and the mean model step time.
 
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::model::{real_text_config, GEMMA4_12B_CONFIG};
-use crate::config::{Config, SourceConfig, TaskKind};
+use crate::config::{Config, Instructions, SourceConfig, TaskKind};
 use crate::run::{self, Overrides, RunExtras, SharedModel};
 use gemma4::layers::Quant;
 use gemma4::loader::{ModelFiles, Weights};
@@ -51,6 +52,10 @@ pub struct PipelineBenchArgs {
     /// (the "before" and "after" rows), `on` or `off` one way.
     #[arg(long, default_value = "off,on", value_delimiter = ',', value_parser = ["off", "on"])]
     pub prefix_cache: Vec<String>,
+    /// Where the task's prompt goes (`[tasks] instructions`): `user,system` runs each
+    /// source count with both layouts.
+    #[arg(long, default_value = "system", value_delimiter = ',', value_parser = ["system", "user"])]
+    pub instructions: Vec<String>,
 }
 
 /// A model folder with a real config shape (`e2b`/`e4b`: text plus the vision and audio
@@ -142,11 +147,14 @@ pub fn run(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let mut rows = Vec::new();
-    let runs = a
-        .sources
-        .iter()
-        .flat_map(|&n| a.prefix_cache.iter().map(move |p| (n, p == "on")));
-    for (n, reuse) in runs {
+    let runs = a.sources.iter().flat_map(|&n| {
+        a.instructions.iter().flat_map(move |layout| {
+            a.prefix_cache
+                .iter()
+                .map(move |p| (n, layout.as_str(), p == "on"))
+        })
+    });
+    for (n, layout, reuse) in runs {
         // Off first drops whatever an earlier run kept, so each run starts cold.
         model.prefixes.set_enabled(false);
         model.prefixes.set_enabled(reuse);
@@ -156,8 +164,15 @@ pub fn run(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         cfg.model.max_tokens = a.max_tokens;
         cfg.http.enabled = false;
         cfg.captions.dir = String::new();
+        cfg.tasks.instructions = if layout == "user" {
+            Instructions::User
+        } else {
+            Instructions::System
+        };
         let tag = if reuse { "on" } else { "off" };
-        let events = a.out.join(format!("events-{n}-prefix-{tag}.jsonl"));
+        let events = a
+            .out
+            .join(format!("events-{n}-{layout}-prefix-{tag}.jsonl"));
         let _ = std::fs::remove_file(&events);
         cfg.run.events = events.display().to_string();
         cfg.sources = (1..=n)
@@ -197,6 +212,7 @@ pub fn run(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         let mut row = summarize(n, &events, wall, cfg.model.max_batch)?;
         let st = model.prefixes.stats();
         row["prefix_cache"] = serde_json::json!(tag);
+        row["instructions"] = serde_json::json!(layout);
         row["prompt_tokens_per_request"] = serde_json::json!(if st.requests > 0 {
             st.prompt_tokens as f64 / st.requests as f64
         } else {
@@ -207,11 +223,12 @@ pub fn run(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         rows.push(row);
         println!("{}", rows.last().map(|r| r.to_string()).unwrap_or_default());
     }
-    eprintln!("\nsources  prefix  prompt/computed tok/req  step s  req/s   batch-occupancy  audio-RTF  latency p50/p95 (s)  lag max/end (s)  deepest level");
+    eprintln!("\nsources  instructions  prefix  prompt/computed tok/req  step s  req/s   batch-occupancy  audio-RTF  latency p50/p95 (s)  lag max/end (s)  deepest level");
     for r in &rows {
         eprintln!(
-            "{:>7}  {:>6}  {:>10.1} / {:<10.1}  {:>6.2}  {:>6.3}  {:>15.2}  {:>9.2}  {:>8.1} / {:<8.1}  {:>6.1} / {:<6.1}  {:>5}",
+            "{:>7}  {:>12}  {:>6}  {:>10.1} / {:<10.1}  {:>6.2}  {:>6.3}  {:>15.2}  {:>9.2}  {:>8.1} / {:<8.1}  {:>6.1} / {:<6.1}  {:>5}",
             r["sources"],
+            r["instructions"].as_str().unwrap_or(""),
             r["prefix_cache"].as_str().unwrap_or(""),
             r["prompt_tokens_per_request"].as_f64().unwrap_or(0.0),
             r["computed_prompt_tokens_per_request"].as_f64().unwrap_or(0.0),

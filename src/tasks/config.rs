@@ -117,10 +117,28 @@ impl GovernorConfig {
     }
 }
 
+/// Where a task's prompt goes in a request that carries media (`[tasks] instructions`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Instructions {
+    /// In a system turn before the user turn: the instructions (and a `watch` source's
+    /// questions) then come before the first media placeholder, so every request of a source
+    /// shares them as a prompt prefix whose K/V is computed once (`model::prefix`); the user
+    /// turn holds the media alone, which the model card asks to come first in a turn anyway.
+    #[default]
+    System,
+    /// After the media in the user turn (percept before 2026-12): every request prefills
+    /// its instructions again, since their K/V depends on the media before them.
+    User,
+}
+
 /// `[tasks]`: default prompts per task; `config/prompts.toml` is the compiled-in default.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskPrompts {
+    /// `system` | `user`: see [`Instructions`]. Requests without media (a `summarize`
+    /// window) keep the prompt in the user turn either way.
+    pub instructions: Instructions,
     pub describe: String,
     pub describe_video: String,
     pub watch: String,
@@ -163,6 +181,7 @@ impl Default for TaskPrompts {
                 summarize: String::new(),
             });
         TaskPrompts {
+            instructions: Instructions::default(),
             describe: t.describe,
             describe_video: t.describe_video,
             watch: t.watch,

@@ -364,6 +364,7 @@ mod tests {
             video: Vec::new(),
             audio: None,
             prompt: String::new(),
+            instructions: Default::default(),
             soft_tokens: 70,
             max_tokens: 8,
             attempt: 0,

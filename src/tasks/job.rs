@@ -84,8 +84,10 @@ pub struct Job {
     /// A window of frames sent as video (describe with `window_frames` > 1).
     pub video: Vec<Arc<VideoFrame>>,
     pub audio: Option<Arc<Vec<f32>>>,
-    /// The user text of the prompt.
+    /// The task's text of the prompt (instructions, questions).
     pub prompt: String,
+    /// Where [`Job::prompt`] goes when the request carries media.
+    pub instructions: crate::config::Instructions,
     pub soft_tokens: usize,
     pub max_tokens: usize,
     /// 0 for the first try; `watch` retries once.

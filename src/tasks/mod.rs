@@ -217,6 +217,7 @@ impl SourceTask {
             video: Vec::new(),
             audio: None,
             prompt: self.prompt_for(self.spec.task),
+            instructions: self.env.prompts.instructions,
             soft_tokens: self.gov.soft_tokens() as usize,
             max_tokens: self.env.max_tokens,
             attempt: 0,

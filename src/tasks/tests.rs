@@ -20,6 +20,7 @@ fn caption_job(class: JobClass, t: f64, end: f64) -> Job {
         video: Vec::new(),
         audio: Some(Arc::new(vec![0.0; ((end - t) * 16_000.0) as usize])),
         prompt: String::new(),
+        instructions: Default::default(),
         soft_tokens: 0,
         max_tokens: 8,
         attempt: 0,
