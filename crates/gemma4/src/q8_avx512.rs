@@ -18,7 +18,7 @@
 //!   builds with no shuffle per row. The activations are quantized straight into that
 //!   interleaved layout ([`Activations`]), so they load as whole registers.
 //! - Each weight register serves up to 4 activation rows, and the weight row is prefetched
-//!   [`PREFETCH_BYTES`] ahead (as in `q4k_avx512`).
+//!   `PREFETCH_BYTES` ahead (as in `q4k_avx512`).
 //! - Prefill ([`dot_lanes`], [`Lanes`]): the row kernel spends a convert, a multiply and an
 //!   FMA per 64 bytes and row on scales. With one activation row per 32-bit lane (16 rows per
 //!   register, quantized into that layout) each weight dword is broadcast and a block's 8

@@ -11,7 +11,7 @@
 //!   where the CPU has it, Q8_0 percept's AVX-512 VNNI kernel ([`super::q8_avx512`]),
 //!   otherwise candle's runtime-detected AVX2 / generic dot products;
 //! - Q8_0 on VNNI CPUs from [`Q8_LANES_MIN_ROWS`] rows on: the same kernel family with one
-//!   activation row per 32-bit lane ([`q8_lanes`]), 2-3x the row kernel at 64-512 rows;
+//!   activation row per 32-bit lane (`q8_lanes`), 2-3x the row kernel at 64-512 rows;
 //! - many rows (prefill): on CPUs with AMX, Q4K goes through candle's AMX tiles packed for
 //!   this one call and dropped after it ([`packed_once`]): the packing (about 2.2 bytes per
 //!   compact byte) costs less than the multiplication it speeds up once there are
@@ -215,7 +215,7 @@ fn run<T: GgmlType>(
 /// Activation rows per tile of [`dot_rows`].
 const ACT_TILE: usize = 32;
 
-/// From this many activation rows on, Q8_0 multiplies with [`q8_lanes`] (where the CPU has
+/// From this many activation rows on, Q8_0 multiplies with `q8_lanes` (where the CPU has
 /// VNNI). Loaded 2-core EPYC, `bench model --kernels`, E4B shapes: at 16 rows the row kernel
 /// took 12.2/12.2/1.9 ms against 15.1/17.2/2.4; at 64 rows lanes took 26/17/3.4 ms against
 /// 56/46/9.8, at 512 rows 164/122/32 against 439/378/81.
