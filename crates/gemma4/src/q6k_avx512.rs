@@ -10,6 +10,10 @@
 //! weights stay unsigned (0..63) for `vpmaddubsw`; the `-32` offset of the format is taken
 //! out once per block from the activations' 16-sums (Q8K's `bsums` cover exactly one Q6K
 //! scale group each). Each weight block is unpacked once for a group of activation rows.
+//! Many rows (prefill) go through [`matmul_tiled`] instead: 16 weight rows unpacked per call
+//! into the interleaved layout of llama.cpp's and candle's repacked matrices, so that one
+//! multiply-add serves 16 output rows; the tiles live in one worker's buffer, not beside the
+//! weights.
 //!
 //! Block layouts are GGML's, as candle stores them (`#[repr(C)]`, sizes asserted below):
 //! Q6K = 128 bytes `ql`, 64 bytes `qh`, 16 i8 scales (one per 16 weights), f16 d; weight
@@ -232,8 +236,11 @@ unsafe fn dot_body<const R: usize, const VNNI: bool>(xs: &[RawQ6K], ys: &[RawQ8K
     std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
 }
 
-/// From this many activation rows on, `qmm` multiplies Q6K with [`matmul_tiled`]: unpacking
-/// 16 weight rows into a tile costs about as much as multiplying it with 16-32 rows.
+/// From this many activation rows on, `qmm` multiplies Q6K with [`matmul_tiled`]. By
+/// instruction count (the crossover is not measured yet) unpacking 16 weight rows into a
+/// tile costs about as much as multiplying them with 16-32 rows, while [`dot_rows`] unpacks
+/// each weight block again for every 4 rows. At 128 rows the tiled path measured 4.7-6.8x
+/// the dequantize + f32 GEMM it replaced (`bench model --kernels`, 12B MLP shapes).
 pub const TILED_MIN_ROWS: usize = 32;
 
 /// Weight rows per tile of [`matmul_tiled`]: one 32-bit lane each of a 512-bit register.
