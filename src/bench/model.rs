@@ -33,8 +33,9 @@ pub struct BenchArgs {
     /// Print JSON lines only.
     #[arg(long)]
     pub json: bool,
-    /// Instead of whole models: time single E4B-shaped quantized matmuls, percept's CPU
-    /// kernel (`qmm`) against candle's `QMatMul`, at 1 and `--prompt` activation rows.
+    /// Instead of whole models: time single E4B-shaped quantized matmuls (and with q4k the
+    /// 12B MLP shapes in Q4_K and Q6_K), percept's CPU kernel (`qmm`) against candle's
+    /// `QMatMul`, at 1 and `--prompt` activation rows.
     #[arg(long)]
     pub kernels: bool,
     /// Instead of prefill/decode: the load path of the quantized cache at each (arch, quant):
@@ -364,12 +365,32 @@ fn run_kernels(a: &BenchArgs) -> anyhow::Result<()> {
             .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
             .collect()
     };
+    use candle_core::quantized::GgmlDType;
     const STREAM_BYTES: f64 = 768.0 * (1u64 << 20) as f64;
-    // E4B: MLP gate/up, MLP down, q_proj.
-    for (n, k) in [(10240usize, 2560usize), (2560, 10240), (2048, 2560)] {
+    // E4B: MLP gate/up, MLP down, q_proj, at each --quant.
+    // (n, k) and the block types to time at that shape.
+    type Case<'a> = (usize, usize, Vec<(&'a str, GgmlDType)>);
+    let mut cases: Vec<Case> = [(10240usize, 2560usize), (2560, 10240), (2048, 2560)]
+        .into_iter()
+        .map(|(n, k)| {
+            let qs = a
+                .quant
+                .iter()
+                .filter_map(|q| Some((q.as_str(), q.ggml()?)))
+                .collect();
+            (n, k, qs)
+        })
+        .collect();
+    // 12B MLP gate/up and down in both block types of a llama.cpp Q4_K_M file (Q6_K holds
+    // ffn_down on half the layers, attn_v on some, and the tied token table).
+    if a.quant.contains(&Quant::Q4K) {
+        for (n, k) in [(15360usize, 3840usize), (3840, 15360)] {
+            cases.push((n, k, vec![("q4k", GgmlDType::Q4K), ("q6k", GgmlDType::Q6K)]));
+        }
+    }
+    for (n, k, quants) in cases {
         let w = random(n * k);
-        for q in &a.quant {
-            let Some(g) = q.ggml() else { continue };
+        for (name, g) in quants {
             let qt = gemma4::qmm::quantize_par(&w, n, k, g)?;
             let bytes = qt.storage_size_in_bytes() as f64;
             let data = qt.data()?;
@@ -410,7 +431,7 @@ fn run_kernels(a: &BenchArgs) -> anyhow::Result<()> {
                 })? / copies as f64;
                 let flop = 2.0 * (m * n * k) as f64;
                 let v = serde_json::json!({
-                    "quant": q.as_str(), "n": n, "k": k, "m": m, "copies": copies,
+                    "quant": name, "n": n, "k": k, "m": m, "copies": copies,
                     "qmm_ms": ours_s * 1e3, "candle_ms": theirs_s * 1e3,
                     "qmm_weight_gb_s": bytes / ours_s / 1e9,
                     "candle_weight_gb_s": bytes / theirs_s / 1e9,
@@ -421,8 +442,7 @@ fn run_kernels(a: &BenchArgs) -> anyhow::Result<()> {
                     println!("{v}");
                 } else {
                     println!(
-                        "{:5} [{n:5}x{k:5}] m={m:4}  qmm {:8.3} ms ({:5.1} GB/s of weights, {:6.1} GFLOP/s)  candle {:8.3} ms ({:5.1} GB/s, {:6.1} GFLOP/s)",
-                        q.as_str(),
+                        "{name:5} [{n:5}x{k:5}] m={m:4}  qmm {:8.3} ms ({:5.1} GB/s of weights, {:6.1} GFLOP/s)  candle {:8.3} ms ({:5.1} GB/s, {:6.1} GFLOP/s)",
                         ours_s * 1e3,
                         bytes / ours_s / 1e9,
                         flop / ours_s / 1e9,

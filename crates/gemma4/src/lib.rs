@@ -32,6 +32,8 @@ pub mod prefix;
 pub mod preprocess;
 pub mod prompt;
 pub mod q4k_avx512;
+pub mod q5k_avx512;
+pub mod q6k_avx512;
 pub mod q8_avx512;
 pub mod qmm;
 pub mod quant_cache;

@@ -50,7 +50,7 @@ pub fn available() -> bool {
 /// bytes 0..4 hold scales 0..3 and the top bits of scales 4..7, bytes 4..8 the mins 0..3 and
 /// the top bits of mins 4..7, bytes 8..12 the low nibbles of scales/mins 4..7).
 #[inline(always)]
-fn unpack_scales(s: &[u8; 12]) -> (u64, u64) {
+pub(crate) fn unpack_scales(s: &[u8; 12]) -> (u64, u64) {
     let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
     let (a, b, c) = (w(0), w(1), w(2));
     let sc_lo = a & 0x3f3f_3f3f;

@@ -8,7 +8,8 @@
 //! - few activation rows (decode): the rows are quantized once (Q8K / Q8_0) and each weight
 //!   row is dotted with all of them over its compact blocks, runs of weight rows split
 //!   across rayon; Q4K uses percept's AVX-512 kernel with prefetch ([`super::q4k_avx512`])
-//!   where the CPU has it, Q8_0 percept's AVX-512 VNNI kernel ([`super::q8_avx512`]),
+//!   where the CPU has it (Q6K and Q5K likewise, [`super::q6k_avx512`],
+//!   [`super::q5k_avx512`]), Q8_0 percept's AVX-512 VNNI kernel ([`super::q8_avx512`]),
 //!   otherwise candle's runtime-detected AVX2 / generic dot products;
 //! - Q8_0 on VNNI CPUs from [`Q8_LANES_MIN_ROWS`] rows on: the same kernel family with one
 //!   activation row per 32-bit lane (`q8_lanes`), 2-3x the row kernel at 64-512 rows;
@@ -16,9 +17,9 @@
 //!   this one call and dropped after it ([`packed_once`]): the packing (about 2.2 bytes per
 //!   compact byte) costs less than the multiplication it speeds up once there are
 //!   [`PACKED_MIN_ROWS`] rows, and nothing stays resident. Without AMX, Q4K with the AVX-512
-//!   kernel takes the decode path (activation rows tiled); otherwise weight rows are
-//!   dequantized a tile at a time into a small f32 buffer per worker and multiplied with
-//!   `gemm`, so no whole-matrix f32 copy exists.
+//!   kernel takes the decode path (activation rows tiled), and so do Q6K / Q5K with theirs
+//!   (AMX or not); otherwise weight rows are dequantized a tile at a time into a small f32
+//!   buffer per worker and multiplied with `gemm`, so no whole-matrix f32 copy exists.
 //!
 //! Block layout is candle's (= GGML's): each weight row is `k / block_size` consecutive
 //! blocks. Other block types are not handled here (the caller falls back to `QMatMul`).
@@ -116,20 +117,32 @@ pub fn matmul(q: &QTensor, lhs: &[f32], m: usize, dst: &mut [f32]) -> CResult<()
             dst,
             (each_row::<BlockQ4_0>, GEMM_MIN_ROWS),
         ),
-        GgmlDType::Q5K => run(
-            cast_blocks(&bytes)?,
-            (m, k, n),
-            lhs,
-            dst,
-            (each_row::<BlockQ5K>, GEMM_MIN_ROWS),
-        ),
-        GgmlDType::Q6K => run(
-            cast_blocks(&bytes)?,
-            (m, k, n),
-            lhs,
-            dst,
-            (each_row::<BlockQ6K>, GEMM_MIN_ROWS),
-        ),
+        GgmlDType::Q5K => {
+            let plan: (RowDot<BlockQ5K>, usize) = if super::q5k_avx512::available() {
+                (super::q5k_avx512::dot_rows, usize::MAX)
+            } else {
+                (each_row, GEMM_MIN_ROWS)
+            };
+            run(cast_blocks(&bytes)?, (m, k, n), lhs, dst, plan)
+        }
+        // Q6_K holds the tied token table and part of ffn_down / attn_v in Q4_K_M files.
+        // With AVX-512: unpacked per call into tiles of 16 weight rows for many rows, the
+        // block dot product for few (`bench model --kernels`, 12B MLP shapes, in the commit).
+        GgmlDType::Q6K
+            if m >= super::q6k_avx512::TILED_MIN_ROWS
+                && n.is_multiple_of(16)
+                && super::q6k_avx512::available() =>
+        {
+            super::q6k_avx512::matmul_tiled(cast_blocks(&bytes)?, (m, k, n), lhs, dst)
+        }
+        GgmlDType::Q6K => {
+            let plan: (RowDot<BlockQ6K>, usize) = if super::q6k_avx512::available() {
+                (super::q6k_avx512::dot_rows, usize::MAX)
+            } else {
+                (each_row, GEMM_MIN_ROWS)
+            };
+            run(cast_blocks(&bytes)?, (m, k, n), lhs, dst, plan)
+        }
         other => candle_core::bail!("qmm: unsupported block type {other:?}"),
     }
 }
@@ -414,6 +427,8 @@ fn cast_blocks<T: GgmlType>(bytes: &[u8]) -> CResult<&[T]> {
 pub fn quantize_par(src: &[f32], rows: usize, k: usize, dtype: GgmlDType) -> CResult<QTensor> {
     match dtype {
         GgmlDType::Q4K => quantize_blocks::<BlockQ4K>(src, rows, k),
+        GgmlDType::Q5K => quantize_blocks::<BlockQ5K>(src, rows, k),
+        GgmlDType::Q6K => quantize_blocks::<BlockQ6K>(src, rows, k),
         GgmlDType::Q8_0 => quantize_blocks::<BlockQ8_0>(src, rows, k),
         other => candle_core::bail!("quantize_par: unsupported block type {other:?}"),
     }
@@ -467,7 +482,12 @@ mod tests {
     #[test]
     fn qmm_matches_dequantized_matmul() {
         let mut rng = SplitMix64(11);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q8_0,
+            GgmlDType::Q6K,
+            GgmlDType::Q5K,
+        ] {
             // (48, 512): rows a multiple of 16, so Q4K at PACKED_MIN_ROWS takes the AMX path where
             // the CPU has it.
             for (n, k) in [(40, 256), (24, 512), (300, 768), (48, 512)] {
@@ -491,7 +511,9 @@ mod tests {
                     // the GEMM path is f32 throughout.
                     let by_dot = m < GEMM_MIN_ROWS
                         || (dtype == GgmlDType::Q4K && int_prefill())
-                        || (dtype == GgmlDType::Q8_0 && crate::q8_avx512::available());
+                        || (dtype == GgmlDType::Q8_0 && crate::q8_avx512::available())
+                        || (matches!(dtype, GgmlDType::Q6K | GgmlDType::Q5K)
+                            && crate::q6k_avx512::available());
                     let tol = if by_dot { 2e-2 } else { 1e-4 } * scale.max(1.0);
                     assert!(err <= tol, "{dtype:?} m={m} n={n} k={k}: max err {err}");
                     // And it agrees with candle's own (repacking) CPU matmul.
