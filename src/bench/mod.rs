@@ -7,4 +7,6 @@ pub mod model;
 pub mod pipeline;
 pub mod quant_study;
 pub mod random_gguf;
+pub mod random_mmproj;
 pub mod vs_llamacpp;
+pub mod vs_mtmd;

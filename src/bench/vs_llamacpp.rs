@@ -21,6 +21,11 @@
 //! fails (exit status, signal, unparsable output) is a failed row with its cause and the
 //! command exits non-zero.
 //!
+//! - the vision row (E2B/E4B shapes, [`super::vs_mtmd`]): one frame (`--frame`, 1280x720)
+//!   at each `--vision` image budget, encoded by llama.cpp's `llama-mtmd-cli` and by percept's
+//!   vision tower on one projector GGUF written in the converter's `gemma4v` layout
+//!   ([`super::random_mmproj`]); ms per frame and both soft-token counts.
+//!
 //! llama-bench comes from `--llama-bench`, else `PERCEPT_LLAMA_BENCH`, else the cache
 //! (`$XDG_CACHE_HOME/percept/llama.cpp/build/bin/llama-bench`), where `--llama-src DIR` (a
 //! llama.cpp source tree such as `vendor/llama.cpp` of the `llama-cpp-python` sdist) builds
@@ -35,6 +40,8 @@ use std::time::Instant;
 use clap::Args;
 
 use super::random_gguf::FileQuant;
+use super::random_mmproj::MmprojType;
+use super::vs_mtmd::VisionRun;
 
 #[derive(Debug, Args)]
 pub struct VsLlamacppArgs {
@@ -78,9 +85,34 @@ pub struct VsLlamacppArgs {
     /// Print one JSON object per (arch, quant) instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Image soft-token budgets of the vision row (70, 140, 280, 560, 1120; comma
+    /// separated): one frame encoded by llama.cpp's llama-mtmd-cli and percept's vision tower
+    /// on the same projector file (E2B/E4B shapes).
+    #[arg(long, default_value = "70", value_delimiter = ',')]
+    pub vision: Vec<usize>,
+    /// Skip the vision row.
+    #[arg(long)]
+    pub no_vision: bool,
+    /// The frame of the vision row (PNG, JPEG); default: a synthetic one of --frame size.
+    #[arg(long, value_name = "PATH")]
+    pub vision_image: Option<PathBuf>,
+    /// Size of the synthetic frame, WIDTHxHEIGHT.
+    #[arg(long, default_value = "1280x720")]
+    pub frame: String,
+    /// Matrix storage of the projector file (f16: the published mmproj files).
+    #[arg(long, value_enum, default_value = "f16")]
+    pub mmproj_type: MmprojType,
+    /// The llama-mtmd-cli binary (else PERCEPT_LLAMA_MTMD_CLI, else beside llama-bench, else
+    /// the cache).
+    #[arg(long, value_name = "PATH")]
+    pub llama_mtmd_cli: Option<PathBuf>,
     /// Internal: percept's side in this process, on this GGUF.
     #[arg(long, hide = true, value_name = "GGUF")]
     pub child: Option<PathBuf>,
+    /// Internal: percept's vision side in this process, on this projector (with
+    /// --vision-image).
+    #[arg(long, hide = true, value_name = "MMPROJ")]
+    pub vision_child: Option<PathBuf>,
     /// Internal, with --child: load, evaluate one token, exit.
     #[arg(long, hide = true)]
     pub ready_only: bool,
@@ -162,7 +194,7 @@ pub fn run_child(cmd: &mut Command) -> ChildRun {
     }
 }
 
-fn last_line(s: &str) -> Option<&str> {
+pub fn last_line(s: &str) -> Option<&str> {
     s.lines().rev().map(str::trim).find(|l| !l.is_empty())
 }
 
@@ -263,12 +295,16 @@ pub struct Side {
     pub decode: BTreeMap<usize, f64>,
     pub ready_s: Option<f64>,
     pub peak_rss_kib: u64,
+    /// Vision tower encode of one frame, ms, by image budget.
+    pub vision_ms: BTreeMap<usize, f64>,
+    /// Soft tokens of that frame, by image budget.
+    pub vision_tokens: BTreeMap<usize, usize>,
     /// Why a run of this side failed (the first failure).
     pub failure: Option<String>,
 }
 
 impl Side {
-    fn fail(&mut self, what: &str, cause: String) {
+    pub fn fail(&mut self, what: &str, cause: String) {
         if self.failure.is_none() {
             self.failure = Some(format!("{what}: {cause}"));
         }
@@ -286,6 +322,12 @@ impl Side {
     fn best_decode(&mut self, d: usize, ts: f64) {
         let e = self.decode.entry(d).or_insert(0.0);
         *e = e.max(ts);
+    }
+
+    pub fn best_vision(&mut self, budget: usize, ms: f64, soft_tokens: usize) {
+        let e = self.vision_ms.entry(budget).or_insert(f64::INFINITY);
+        *e = e.min(ms);
+        self.vision_tokens.insert(budget, soft_tokens);
     }
 
     fn ready(&mut self, s: f64) {
@@ -350,6 +392,12 @@ pub fn find_llama_bench(a: &VsLlamacppArgs) -> anyhow::Result<PathBuf> {
             root.display()
         );
     };
+    cmake_build(src, &build, "llama-bench")?;
+    check(bin, "built llama-bench")
+}
+
+/// Configures `build` from the llama.cpp tree `src` (once) and builds `target` there.
+pub fn cmake_build(src: &Path, build: &Path, target: &str) -> anyhow::Result<()> {
     if !src.join("CMakeLists.txt").is_file() {
         anyhow::bail!(
             "--llama-src {}: not a llama.cpp source tree (no CMakeLists.txt)",
@@ -357,7 +405,7 @@ pub fn find_llama_bench(a: &VsLlamacppArgs) -> anyhow::Result<PathBuf> {
         );
     }
     eprintln!(
-        "building llama-bench from {} into {} (cmake, a few minutes)",
+        "building {target} from {} into {} (cmake, a few minutes)",
         src.display(),
         build.display()
     );
@@ -370,7 +418,7 @@ pub fn find_llama_bench(a: &VsLlamacppArgs) -> anyhow::Result<PathBuf> {
             "-S".into(),
             src.into(),
             "-B".into(),
-            build.clone().into(),
+            build.into(),
             "-DCMAKE_BUILD_TYPE=Release".into(),
             "-DBUILD_SHARED_LIBS=OFF".into(),
             "-DLLAMA_CURL=OFF".into(),
@@ -378,9 +426,9 @@ pub fn find_llama_bench(a: &VsLlamacppArgs) -> anyhow::Result<PathBuf> {
         ],
         vec![
             "--build".into(),
-            build.clone().into(),
+            build.into(),
             "--target".into(),
-            "llama-bench".into(),
+            target.into(),
             "-j".into(),
             jobs.into(),
         ],
@@ -396,12 +444,12 @@ pub fn find_llama_bench(a: &VsLlamacppArgs) -> anyhow::Result<PathBuf> {
             })?;
         if !st.success() {
             anyhow::bail!(
-                "building llama-bench from {} failed (cmake {st})",
+                "building {target} from {} failed (cmake {st})",
                 src.display()
             );
         }
     }
-    check(bin, "built llama-bench")
+    Ok(())
 }
 
 /// Everything measured for one (arch, quant).
@@ -421,6 +469,8 @@ pub struct Comparison {
     pub load: (f64, f64),
     pub llama: Side,
     pub percept: Side,
+    /// `WIDTHxHEIGHT` of the vision row's frame and the projector's storage, when the row ran.
+    pub vision: Option<(String, MmprojType)>,
 }
 
 impl Comparison {
@@ -438,6 +488,8 @@ impl Comparison {
                     .collect::<BTreeMap<_, _>>(),
                 "ready_s": s.ready_s,
                 "peak_rss_gib": s.peak_rss_kib as f64 / (1u64 << 20) as f64,
+                "vision_encode_ms": super::vs_mtmd::keyed(&s.vision_ms),
+                "vision_soft_tokens": super::vs_mtmd::keyed(&s.vision_tokens),
                 "failure": s.failure,
             })
         };
@@ -449,6 +501,8 @@ impl Comparison {
             "read_bandwidth_gb_s": self.read_bw / 1e9,
             "load_average": [self.load.0, self.load.1],
             "cpu": cpu_line(),
+            "vision_frame": self.vision.as_ref().map(|v| v.0.clone()),
+            "vision_mmproj_type": self.vision.as_ref().map(|v| v.1.as_str()),
             "llama_cpp": side(&self.llama), "percept": side(&self.percept),
         })
     }
@@ -535,6 +589,25 @@ impl Comparison {
             self.percept.ready_s,
             &|v| format!("{v:.2}"),
         );
+        let frame = self.vision.as_ref().map_or("", |v| v.0.as_str());
+        let mut budgets: Vec<usize> = self.llama.vision_ms.keys().copied().collect();
+        budgets.extend(self.percept.vision_ms.keys());
+        budgets.sort_unstable();
+        budgets.dedup();
+        for b in budgets {
+            row(
+                format!("vision {frame} @{b}, ms"),
+                self.llama.vision_ms.get(&b).copied(),
+                self.percept.vision_ms.get(&b).copied(),
+                &|v| format!("{v:.0}"),
+            );
+            row(
+                format!("vision soft tokens @{b}"),
+                self.llama.vision_tokens.get(&b).map(|&n| n as f64),
+                self.percept.vision_tokens.get(&b).map(|&n| n as f64),
+                &|v| format!("{v:.0}"),
+            );
+        }
         for (who, side) in [("llama.cpp", &self.llama), ("percept", &self.percept)] {
             if let Some(f) = &side.failure {
                 let _ = writeln!(s, "FAILED {who}: {f}");
@@ -542,16 +615,32 @@ impl Comparison {
         }
         let _ = writeln!(
             s,
-            "(decode bound: {:.2} GiB read per token at {:.1} GB/s; ratios above 1 favour percept for tok/s, below 1 for RSS and start)",
+            "(decode bound: {:.2} GiB read per token at {:.1} GB/s; ratios above 1 favour percept for tok/s, below 1 for RSS, start and vision ms)",
             gib(self.decode_bytes as f64),
             self.read_bw / 1e9
         );
+        if let Some((frame, ty)) = &self.vision {
+            let _ = writeln!(
+                s,
+                "(vision: one {frame} frame per image budget on one {} projector; llama.cpp: llama-mtmd-cli's own encode time after its warmup, percept: VisionTower::encode after one untimed encode; same soft tokens)",
+                ty.as_str()
+            );
+        }
         s
     }
 }
 
 /// Entry point of `percept bench vs-llamacpp`.
 pub fn run(a: &VsLlamacppArgs) -> anyhow::Result<()> {
+    if let Some(mmproj) = &a.vision_child {
+        let frame = a
+            .vision_image
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--vision-child needs --vision-image"))?;
+        let v = super::vs_mtmd::percept_side(mmproj, frame, &a.vision)?;
+        println!("{v}");
+        return Ok(());
+    }
     if let Some(gguf) = &a.child {
         let v = percept_side(gguf, a)?;
         println!("{v}");
@@ -570,6 +659,44 @@ pub fn run_with(a: &VsLlamacppArgs, percept_exe: &Path) -> anyhow::Result<()> {
         anyhow::bail!("--gen 0: at least one decode step");
     }
     let llama = find_llama_bench(a)?;
+    let vision_archs: Vec<&String> = if a.no_vision || a.vision.is_empty() {
+        Vec::new()
+    } else {
+        a.arch
+            .iter()
+            .filter(|arch| {
+                crate::bench::model::real_config(arch).is_ok_and(|c| {
+                    c.arch == crate::model::config::Arch::Gemma4 && c.vision_config.is_some()
+                })
+            })
+            .collect()
+    };
+    let mtmd = if vision_archs.is_empty() {
+        None
+    } else {
+        if let Some(b) = a
+            .vision
+            .iter()
+            .find(|b| !super::vs_mtmd::SUPPORTED_SOFT_TOKENS.contains(b))
+        {
+            anyhow::bail!(
+                "--vision {b}: image budgets are {:?}",
+                super::vs_mtmd::SUPPORTED_SOFT_TOKENS
+            );
+        }
+        let env = std::env::var_os("PERCEPT_LLAMA_MTMD_CLI");
+        Some(super::vs_mtmd::find_mtmd_cli(
+            &super::vs_mtmd::MtmdSearch {
+                flag: a.llama_mtmd_cli.as_deref(),
+                env,
+                beside: llama.parent(),
+                cache_build: crate::model::gguf_model::cache_root()
+                    .join("llama.cpp")
+                    .join("build"),
+                src: a.llama_src.as_deref(),
+            },
+        )?)
+    };
     let threads = a.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -583,12 +710,21 @@ pub fn run_with(a: &VsLlamacppArgs, percept_exe: &Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     let mut failed = Vec::new();
     for arch in &a.arch {
-        let cfg = crate::bench::model::real_config(arch)?.text_config;
+        let full = crate::bench::model::real_config(arch)?;
+        let cfg = full.text_config.clone();
+        let tag = Path::new(arch)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("shape");
+        // The projector does not depend on the decoder's quantization: its row goes with the
+        // first --quant only.
+        let mut vision = match (&mtmd, &full.vision_config) {
+            (Some(cli), Some(vc)) if vision_archs.contains(&arch) => {
+                Some(prepare_vision(a, &dir, tag, cli, vc, cfg.hidden_size)?)
+            }
+            _ => None,
+        };
         for &quant in &a.quant {
-            let tag = Path::new(arch)
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("shape");
             let file = dir.join(format!("percept-vs-llamacpp-{tag}-{}.gguf", quant.as_str()));
             let reuse = a.keep && file.is_file();
             if !reuse {
@@ -601,9 +737,26 @@ pub fn run_with(a: &VsLlamacppArgs, percept_exe: &Path) -> anyhow::Result<()> {
                     t.elapsed().as_secs_f64()
                 );
             }
-            let c = compare(a, arch, quant, &cfg, &file, &llama, percept_exe, threads);
+            let v = vision.take();
+            let c = compare(
+                a,
+                arch,
+                quant,
+                &cfg,
+                &file,
+                &llama,
+                percept_exe,
+                threads,
+                v.as_ref(),
+            );
             if !a.keep {
                 let _ = std::fs::remove_file(&file);
+                if let Some(v) = &v {
+                    let _ = std::fs::remove_file(&v.mmproj);
+                    if a.vision_image.is_none() {
+                        let _ = std::fs::remove_file(&v.frame);
+                    }
+                }
             }
             let c = c?;
             if a.json {
@@ -625,6 +778,53 @@ pub fn run_with(a: &VsLlamacppArgs, percept_exe: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes (or, with `--keep`, reuses) the projector and the frame of the vision row.
+fn prepare_vision(
+    a: &VsLlamacppArgs,
+    dir: &Path,
+    tag: &str,
+    mtmd_cli: &Path,
+    vc: &crate::model::config::VisionConfig,
+    text_hidden: usize,
+) -> anyhow::Result<VisionRun> {
+    // Not named `mmproj*`: percept's loader takes such a file beside a model GGUF as its
+    // projector, and the text rows load the decoder alone.
+    let mmproj = dir.join(format!(
+        "percept-vs-llamacpp-{tag}-projector-{}.gguf",
+        a.mmproj_type.as_str()
+    ));
+    if !(a.keep && mmproj.is_file()) {
+        let t = Instant::now();
+        let n = super::random_mmproj::write(&mmproj, vc, text_hidden, a.mmproj_type, 0x5eed)?;
+        eprintln!(
+            "wrote {} ({:.2} GiB) in {:.1} s",
+            mmproj.display(),
+            n as f64 / (1u64 << 30) as f64,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let (frame, frame_label) = match &a.vision_image {
+        Some(p) => {
+            let img = crate::model::preprocess::image::load_rgb(p)
+                .map_err(|e| anyhow::anyhow!("--vision-image {}: {e}", p.display()))?;
+            (p.clone(), format!("{}x{}", img.width, img.height))
+        }
+        None => {
+            let (w, h) = super::vs_mtmd::parse_frame(&a.frame)?;
+            let p = dir.join(format!("percept-vs-llamacpp-frame-{w}x{h}.png"));
+            super::vs_mtmd::write_frame(&p, w, h)?;
+            (p, format!("{w}x{h}"))
+        }
+    };
+    Ok(VisionRun {
+        mtmd_cli: mtmd_cli.to_path_buf(),
+        mmproj,
+        frame,
+        frame_label,
+        budgets: a.vision.clone(),
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn compare(
     a: &VsLlamacppArgs,
@@ -635,6 +835,7 @@ fn compare(
     llama: &Path,
     percept_exe: &Path,
     threads: usize,
+    vision: Option<&VisionRun>,
 ) -> anyhow::Result<Comparison> {
     let file_bytes = std::fs::metadata(file)?.len();
     let decode_bytes = super::random_gguf::decode_bytes(cfg, quant)?;
@@ -650,6 +851,7 @@ fn compare(
         load: (load_average(), 0.0),
         llama: Side::default(),
         percept: Side::default(),
+        vision: vision.map(|v| (v.frame_label.clone(), a.mmproj_type)),
     };
     let t = threads.to_string();
     let list = |v: &[usize]| {
@@ -713,12 +915,37 @@ fn compare(
                 percept_round(&mut c.percept, &percept_cmd);
             }
         }
+        if let Some(v) = vision {
+            for is_llama in sides {
+                if is_llama {
+                    eprintln!("rep {}/{}: llama.cpp {arch} vision", rep + 1, a.reps);
+                    super::vs_mtmd::llama_round(&mut c.llama, v, file, threads);
+                } else {
+                    eprintln!("rep {}/{}: percept {arch} vision", rep + 1, a.reps);
+                    let mut cmd = Command::new(percept_exe);
+                    cmd.args(["bench", "vs-llamacpp", "--vision-child"])
+                        .arg(&v.mmproj)
+                        .arg("--vision-image")
+                        .arg(&v.frame)
+                        .arg(format!("--vision={}", list(&v.budgets)))
+                        .args(["-t", &t])
+                        .env("RAYON_NUM_THREADS", &t);
+                    super::vs_mtmd::percept_round(&mut c.percept, &mut cmd);
+                }
+            }
+        }
         if c.failed() {
             // A side that crashed or was killed once will again: stop repeating it.
             break;
         }
     }
     c.load.1 = load_average();
+    for (b, l, p) in super::vs_mtmd::token_mismatches(&c.llama, &c.percept) {
+        c.percept.fail(
+            &format!("vision soft tokens @{b}"),
+            format!("percept's tower gave {p}, llama.cpp's {l} for the same frame"),
+        );
+    }
     Ok(c)
 }
 

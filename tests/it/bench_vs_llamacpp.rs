@@ -155,3 +155,120 @@ fn no_llama_bench_is_one_line_naming_the_ways_to_get_one() {
     assert!(!out.status.success());
     assert!(stderr.contains("not a llama.cpp source tree"), "{stderr}");
 }
+
+/// The tiny text shape with a tiny `gemma4v` tower (32 wide, 2 layers).
+fn tiny_shape_with_tower(dir: &Path) -> PathBuf {
+    let p = tiny_shape(dir);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["vision_config"] = serde_json::json!({
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+        "position_embedding_size": 64, "use_clipped_linears": true
+    });
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    p
+}
+
+/// A stand-in llama-mtmd-cli beside the stand-in llama-bench: checks that it was given the
+/// text GGUF, the projector and the frame percept wrote, and logs like llama-mtmd-cli.
+fn mtmd_script(dir: &Path, soft_tokens: usize) -> PathBuf {
+    let p = dir.join("llama-mtmd-cli");
+    let body = format!(
+        r#"#!/bin/sh
+case "$*" in *"-m "*tiny-q4k.gguf*"--mmproj "*projector-f16.gguf*"--image "*frame-160x90.png*"--image-max-tokens 70"*) ;; *) echo "bad args: $*" >&2; exit 2;; esac
+echo "encoding image slice..." >&2
+echo "image slice encoded in 25 ms" >&2
+echo "decoding image batch 1/1, n_tokens_batch = {soft_tokens}" >&2
+"#
+    );
+    std::fs::write(&p, body).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn bench_vision(dir: &Path, llama: &Path) -> std::process::Output {
+    let shape = tiny_shape_with_tower(dir);
+    Command::new(percept_bin())
+        .args(["bench", "vs-llamacpp", "--arch"])
+        .arg(&shape)
+        .args(["--quant", "q4k", "--llama-bench"])
+        .arg(llama)
+        .arg("--dir")
+        .arg(dir)
+        .args([
+            "--reps",
+            "1",
+            "--prompts",
+            "8",
+            "--gen",
+            "2",
+            "--depth",
+            "0",
+        ])
+        .args(["-t", "2", "--bandwidth-mib", "16", "--frame", "160x90"])
+        .env("XDG_CACHE_HOME", dir.join("cache"))
+        .env_remove("PERCEPT_LLAMA_MTMD_CLI")
+        .output()
+        .unwrap()
+}
+
+const LLAMA_BENCH_ANSWERS: &str = r#"case "$*" in
+  *--no-warmup*) echo '[{"n_prompt": 1, "n_gen": 0, "n_depth": 0, "avg_ts": 90.0}]' ;;
+  *"-n 0"*) echo '[{"n_prompt": 8, "n_gen": 0, "n_depth": 0, "avg_ts": 400.0}]' ;;
+  *) echo '[{"n_prompt": 0, "n_gen": 2, "n_depth": 0, "avg_ts": 50.0}]' ;;
+esac"#;
+
+#[test]
+fn the_vision_row_times_both_towers_on_the_written_projector() {
+    let dir = tmpdir("vs-llamacpp-vision");
+    let llama = script(&dir, LLAMA_BENCH_ANSWERS);
+    // 160x90 at 70 soft tokens resizes to 528x288: 11 x 6 = 66 soft tokens on both sides.
+    mtmd_script(&dir, 66);
+    let out = bench_vision(&dir, &llama);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let row = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name:?} row in\n{stdout}"))
+            .to_string()
+    };
+    // llama.cpp's 25 ms, percept's own time from the real child, a ratio.
+    let ms = row("vision 160x90 @70, ms");
+    let cells: Vec<&str> = ms.split_whitespace().skip(4).collect();
+    assert_eq!(cells[0], "25", "{ms}");
+    assert!(cells[1].parse::<f64>().unwrap() > 0.0, "{ms}");
+    assert!(cells[2].parse::<f64>().unwrap() > 0.0, "{ms}");
+    let tokens = row("vision soft tokens @70");
+    assert_eq!(
+        tokens.split_whitespace().skip(4).collect::<Vec<_>>(),
+        ["66", "66", "1.00"],
+        "{tokens}"
+    );
+    // The projector and the frame are removed with the GGUF (no --keep).
+    assert!(!dir
+        .join("percept-vs-llamacpp-tiny-projector-f16.gguf")
+        .exists());
+    assert!(!dir.join("percept-vs-llamacpp-frame-160x90.png").exists());
+}
+
+#[test]
+fn differing_soft_token_counts_fail_the_vision_row() {
+    let dir = tmpdir("vs-llamacpp-vision-tokens");
+    let llama = script(&dir, LLAMA_BENCH_ANSWERS);
+    mtmd_script(&dir, 70);
+    let out = bench_vision(&dir, &llama);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    let failed = stdout
+        .lines()
+        .find(|l| l.starts_with("FAILED percept"))
+        .unwrap_or_else(|| panic!("no failed row in\n{stdout}"));
+    assert!(
+        failed.contains("vision soft tokens @70") && failed.contains("gave 66, llama.cpp's 70"),
+        "{failed}"
+    );
+}

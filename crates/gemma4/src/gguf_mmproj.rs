@@ -343,3 +343,39 @@ pub fn configs(f: &GgufFile) -> Result<(serde_json::Value, serde_json::Value), L
     };
     Ok((vision, audio))
 }
+
+/// The vision tower (`gemma4v`) of a projector GGUF alone, without its text model: what a
+/// benchmark of the tower needs (`model run` loads it with the decoder instead). The tower
+/// settings come from [`configs`], the decoder width from `mm.input_projection.weight`
+/// (`[text_hidden, vision_hidden]`); `proj` is the storage of that projection.
+pub fn vision_tower(
+    path: &std::path::Path,
+    device: &Device,
+    proj: super::Quant,
+) -> Result<super::vision::VisionTower, LoadError> {
+    let w = super::loader::Weights::open_gguf(&[path.to_path_buf()], device, DType::F32)?;
+    let bad = |m: &str| LoadError::Parse {
+        path: path.to_path_buf(),
+        message: m.to_string(),
+    };
+    let f = w
+        .gguf()
+        .and_then(|g| g.files.first())
+        .ok_or_else(|| bad("no GGUF file mapped"))?;
+    if kind(f) != Some(Kind::Towers) {
+        return Err(bad(
+            "not a gemma4v projector (percept builds the E2B/E4B vision tower from it)",
+        ));
+    }
+    let (vision, _) = configs(f)?;
+    if vision.is_null() {
+        return Err(bad("projector without a vision encoder"));
+    }
+    let cfg: super::config::VisionConfig =
+        serde_json::from_value(vision).map_err(|e| bad(&format!("vision settings: {e}")))?;
+    let text_hidden = f
+        .get("mm.input_projection.weight")
+        .map(|t| t.shape[0])
+        .ok_or_else(|| bad("no mm.input_projection.weight"))?;
+    super::vision::VisionTower::load_with(&w, &cfg, text_hidden, proj)
+}
