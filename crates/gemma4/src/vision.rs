@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
 
-use super::clippable::ClippableLinear;
+use super::clippable::{ClippableLinear, VisionQuant};
 use super::config::VisionConfig;
 use super::layers::{gelu_tanh, Linear, Quant, RmsNorm};
 use super::loader::{LoadError, Weights};
@@ -82,6 +82,18 @@ impl VisionTower {
         text_hidden: usize,
         proj: Quant,
     ) -> Result<Self, LoadError> {
+        Self::load_quant(w, cfg, text_hidden, proj, VisionQuant::F32)
+    }
+
+    /// Loads with the projection stored as `proj` and the encoder layers' linears at
+    /// `vq` (the patch embedding stays f32: one small matmul per frame).
+    pub fn load_quant(
+        w: &Weights,
+        cfg: &VisionConfig,
+        text_hidden: usize,
+        proj: Quant,
+        vq: VisionQuant,
+    ) -> Result<Self, LoadError> {
         let vt = w.pp("model.vision_tower");
         let hd = cfg.hidden_size;
         let p = cfg.patch_size;
@@ -102,7 +114,8 @@ impl VisionTower {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = vt.pp(&format!("encoder.layers.{i}"));
-            let lin = |n: &str, o: usize, i_: usize| ClippableLinear::load(&l, n, o, i_, clip, q);
+            let lin =
+                |n: &str, o: usize, i_: usize| ClippableLinear::load_vision(&l, n, o, i_, clip, vq);
             layers.push(Layer {
                 attn: Attention {
                     q: lin("self_attn.q_proj", nh * dh, hd)?,
@@ -169,6 +182,14 @@ impl VisionTower {
         let row = 3 * self.cfg.patch_size * self.cfg.patch_size;
         let pv = Tensor::from_slice(&img.pixel_values, (img.n_patches, row), self.device())?;
         self.forward(&pv, &img.positions)
+    }
+
+    /// Storage of the encoder linears (`f32`, or `int8` with [`VisionQuant::Int8`]).
+    pub fn encoder_storage(&self) -> &'static str {
+        self.layers
+            .first()
+            .map(|l| l.mlp.gate.storage())
+            .unwrap_or("f32")
     }
 
     /// Storage of `embed_vision.embedding_projection`.
