@@ -214,6 +214,7 @@ impl Engine {
             quant,
             keep_f16: self.cfg.keep_f16,
             max_context: self.cfg.context,
+            vision_quant: self.cfg.vision_quant,
         };
         let m = Gemma4::load(&self.cfg.id, &opts).map_err(|e| e.to_string())?;
         if m.tokenizer.is_none() {

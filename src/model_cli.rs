@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 
+use gemma4::clippable::VisionQuant;
 use gemma4::config::{Arch, Gemma4Config, KvSource};
 use gemma4::generate::Sampling;
 use gemma4::layers::{KeepF16, Quant};
@@ -68,6 +69,10 @@ pub struct RunArgs {
     /// projections into the decoder and the token table (tied lm_head).
     #[arg(long, value_parser = keep_f16_arg(), default_value_t = KeepF16::None)]
     pub keep_f16: KeepF16,
+    /// The E2B/E4B vision tower's encoder linears: `int8` (AVX-512 VNNI; f32 on CPUs
+    /// without it and on GPUs) or `f32` (the reference's precision).
+    #[arg(long, value_parser = vision_quant_arg(), default_value_t = VisionQuant::Int8)]
+    pub vision_quant: VisionQuant,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
@@ -112,6 +117,13 @@ pub fn quant_arg() -> impl clap::builder::TypedValueParser<Value = Quant> {
 pub fn keep_f16_arg() -> impl clap::builder::TypedValueParser<Value = KeepF16> {
     use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(KeepF16::NAMES).try_map(|s| s.parse::<KeepF16>())
+}
+
+/// `--vision-quant`: the names of [`VisionQuant`].
+pub fn vision_quant_arg() -> impl clap::builder::TypedValueParser<Value = VisionQuant> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(VisionQuant::NAMES)
+        .try_map(|s| s.parse::<VisionQuant>())
 }
 
 /// Environment variable that picks the model's device: `cpu`, `cuda`, `cuda:N`, `metal` or
@@ -348,6 +360,7 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
         quant: a.quant,
         keep_f16: a.keep_f16,
         max_context: a.max_context,
+        vision_quant: a.vision_quant,
     };
     let files = ModelFiles::resolve_with(&a.model, a.mmproj.as_deref())?;
     gemma4::gguf_info::check_projector(&files, !a.images.is_empty(), a.audio.is_some())?;
@@ -431,6 +444,7 @@ fn run_prompt(a: &RunArgs, encoder: Option<&dyn MediaEncoder>) -> anyhow::Result
             "stop": g.stop,
             "quant": a.quant.as_str(),
             "keep_f16": a.keep_f16.as_str(),
+            "vision_quant": a.vision_quant.as_str(),
             "timings": {
                 "load_s": load_s,
                 "encode_s": encode_s,

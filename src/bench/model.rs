@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use clap::Args;
 
+use gemma4::clippable::VisionQuant;
 use gemma4::config::{Gemma4Config, TextConfig};
 use gemma4::layers::Quant;
 use gemma4::loader::Weights;
@@ -253,6 +254,24 @@ pub fn run_one(
     }))
 }
 
+/// Largest absolute difference and cosine similarity of two tensors of one shape.
+fn deviation(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<(f64, f64)> {
+    let a = a.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.flatten_all()?.to_vec1::<f32>()?;
+    let (mut max_abs, mut dot, mut na, mut nb) = (0f64, 0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(&b) {
+        let (x, y) = (x as f64, y as f64);
+        max_abs = max_abs.max((x - y).abs());
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    Ok((
+        max_abs,
+        dot / (na.sqrt() * nb.sqrt()).max(f64::MIN_POSITIVE),
+    ))
+}
+
 /// Media fronts at their real shapes: soft tokens and milliseconds per 1280x720 frame at each
 /// image budget, and per second (12B: encoder-free embedders) or per 10 s (E2B/E4B: log-mel
 /// + audio tower, f32) of audio.
@@ -271,19 +290,43 @@ fn media_timings(cfg: &Gemma4Config, w: &Weights) -> anyhow::Result<serde_json::
         )
     };
     if let Some(vc) = &cfg.vision_config {
-        let tower = gemma4::vision::VisionTower::load(w, vc, hidden)?;
+        // Each `vision_quant`, one after the other per budget (same load on the machine);
+        // int8 rows also say how far their soft tokens are from f32's.
+        let towers = VisionQuant::ALL
+            .iter()
+            .rev()
+            .map(|&vq| {
+                let t = gemma4::vision::VisionTower::load_quant(w, vc, hidden, Quant::F32, vq)?;
+                Ok((vq, t))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let frame = frame();
         let mut rows = Vec::new();
         for budget in [70, 280] {
             let t = Instant::now();
             let input = gemma4::preprocess::image::preprocess(&frame, budget)?;
             let pre_ms = t.elapsed().as_secs_f64() * 1e3;
-            let t = Instant::now();
-            let soft = tower.encode(&input)?;
-            rows.push(serde_json::json!({
-                "budget": budget, "tokens": soft.dim(0)?,
-                "preprocess_ms": pre_ms, "embed_ms": t.elapsed().as_secs_f64() * 1e3,
-            }));
+            let mut f32_soft: Option<(candle_core::Tensor, f64)> = None;
+            for (vq, tower) in &towers {
+                let t = Instant::now();
+                let soft = tower.encode(&input)?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let mut row = serde_json::json!({
+                    "budget": budget, "tokens": soft.dim(0)?, "vision_quant": vq.as_str(),
+                    "storage": tower.encoder_storage(),
+                    "preprocess_ms": pre_ms, "embed_ms": ms,
+                });
+                match &f32_soft {
+                    None => f32_soft = Some((soft, ms)),
+                    Some((reference, f32_ms)) => {
+                        let (max_abs, cosine) = deviation(reference, &soft)?;
+                        row["ratio_to_f32"] = (ms / f32_ms).into();
+                        row["max_abs_vs_f32"] = max_abs.into();
+                        row["cosine_vs_f32"] = cosine.into();
+                    }
+                }
+                rows.push(row);
+            }
         }
         out.insert("image_1280x720".into(), rows.into());
     }
@@ -771,8 +814,23 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                 );
                 if let Some(rows) = v["media"]["image_1280x720"].as_array() {
                     for r in rows.iter().filter(|r| r.get("error").is_none()) {
+                        let vs_f32 = match r["ratio_to_f32"].as_f64() {
+                            Some(x) => format!(
+                                " ({x:.2}x of f32; soft tokens vs f32: cosine {:.4}, max abs {:.3})",
+                                r["cosine_vs_f32"].as_f64().unwrap_or(0.0),
+                                r["max_abs_vs_f32"].as_f64().unwrap_or(0.0)
+                            ),
+                            None => String::new(),
+                        };
+                        let quant = match r["vision_quant"].as_str() {
+                            Some(q) if Some(q) != r["storage"].as_str() => {
+                                format!("{q} (runs {})", r["storage"].as_str().unwrap_or("?"))
+                            }
+                            Some(q) => q.to_string(),
+                            None => String::new(),
+                        };
                         println!(
-                            "     image 1280x720 @ {:4}: {:4} tokens, preprocess {:7.1} ms, embed {:7.1} ms",
+                            "     image 1280x720 @ {:4} {quant:4}: {:4} tokens, preprocess {:7.1} ms, embed {:7.1} ms{vs_f32}",
                             r["budget"], r["tokens"],
                             r["preprocess_ms"].as_f64().unwrap_or(0.0),
                             r["embed_ms"].as_f64().unwrap_or(0.0)
@@ -971,7 +1029,19 @@ mod tests {
         assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
         let img = v["media"]["image_1280x720"].as_array().unwrap();
         let budgets: Vec<u64> = img.iter().map(|r| r["budget"].as_u64().unwrap()).collect();
-        assert_eq!(budgets, [70, 280]);
+        assert_eq!(budgets, [70, 70, 280, 280]);
+        let quants: Vec<&str> = img
+            .iter()
+            .map(|r| r["vision_quant"].as_str().unwrap())
+            .collect();
+        assert_eq!(quants, ["f32", "int8", "f32", "int8"]);
+        // int8 rows measure themselves against the f32 tower on the same frame.
+        assert!(
+            img.iter()
+                .filter(|r| r["vision_quant"] == "int8")
+                .all(|r| r["cosine_vs_f32"].as_f64().unwrap() > 0.95),
+            "{img:?}"
+        );
         assert!(img.iter().all(|r| {
             let t = r["tokens"].as_u64().unwrap();
             t > 0 && t <= r["budget"].as_u64().unwrap()

@@ -46,6 +46,7 @@ pub mod text;
 pub mod tokenizer;
 pub mod unified;
 pub mod vision;
+pub mod w8a8;
 
 pub use gemma4::Gemma4;
 pub use layers::Quant;

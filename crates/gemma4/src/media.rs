@@ -83,7 +83,13 @@ impl TowerEncoder {
                 })?;
             let hidden = m.config.text_config.hidden_size;
             let quant = m.opts.projection_quant();
-            Ok(VisionTower::load_with(&m.weights, cfg, hidden, quant)?)
+            Ok(VisionTower::load_quant(
+                &m.weights,
+                cfg,
+                hidden,
+                quant,
+                m.opts.vision_quant,
+            )?)
         })
     }
 

@@ -10,16 +10,20 @@
 
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
 
-use super::clippable::ClippableLinear;
+use super::clippable::{ClippableLinear, VisionQuant};
 use super::config::VisionConfig;
 use super::layers::{gelu_tanh, Linear, Quant, RmsNorm};
 use super::loader::{LoadError, Weights};
 use super::ModelError;
 use crate::preprocess::image::ImageInput;
 
-/// Score elements per attention chunk (queries x keys x heads): bounds the f32 score
-/// buffer to ~256 MiB, so 1120-token images (10080 patches) never need GBs.
-const MAX_SCORE_ELEMS: usize = 64 << 20;
+/// Score elements per attention chunk (queries x keys x heads): a 16 MiB f32 score buffer
+/// that stays in the last-level cache between the two matmuls and the softmax, and that
+/// the allocator reuses. 256 MiB chunks (64M elements, before) were written, read three
+/// times and page-faulted in fresh at every layer: the int8 tower took (min of 3, one
+/// process alternating, 2-core EPYC under load ~6) 3006 ms at 70 tokens and 21424 ms at
+/// 280 with them, 2935 / 17183 ms at 4M and 1749 / 18756 ms at 1M elements.
+const MAX_SCORE_ELEMS: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -82,6 +86,18 @@ impl VisionTower {
         text_hidden: usize,
         proj: Quant,
     ) -> Result<Self, LoadError> {
+        Self::load_quant(w, cfg, text_hidden, proj, VisionQuant::F32)
+    }
+
+    /// Loads with the projection stored as `proj` and the encoder layers' linears at
+    /// `vq` (the patch embedding stays f32: one small matmul per frame).
+    pub fn load_quant(
+        w: &Weights,
+        cfg: &VisionConfig,
+        text_hidden: usize,
+        proj: Quant,
+        vq: VisionQuant,
+    ) -> Result<Self, LoadError> {
         let vt = w.pp("model.vision_tower");
         let hd = cfg.hidden_size;
         let p = cfg.patch_size;
@@ -102,7 +118,8 @@ impl VisionTower {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = vt.pp(&format!("encoder.layers.{i}"));
-            let lin = |n: &str, o: usize, i_: usize| ClippableLinear::load(&l, n, o, i_, clip, q);
+            let lin =
+                |n: &str, o: usize, i_: usize| ClippableLinear::load_vision(&l, n, o, i_, clip, vq);
             layers.push(Layer {
                 attn: Attention {
                     q: lin("self_attn.q_proj", nh * dh, hd)?,
@@ -169,6 +186,14 @@ impl VisionTower {
         let row = 3 * self.cfg.patch_size * self.cfg.patch_size;
         let pv = Tensor::from_slice(&img.pixel_values, (img.n_patches, row), self.device())?;
         self.forward(&pv, &img.positions)
+    }
+
+    /// Storage of the encoder linears (`f32`, or `int8` with [`VisionQuant::Int8`]).
+    pub fn encoder_storage(&self) -> &'static str {
+        self.layers
+            .first()
+            .map(|l| l.mlp.gate.storage())
+            .unwrap_or("f32")
     }
 
     /// Storage of `embed_vision.embedding_projection`.

@@ -45,6 +45,8 @@ pub struct LoadOptions {
     /// Largest number of positions one sequence may reach (prompt + generated); full-layer
     /// caches grow up to this, never beyond.
     pub max_context: usize,
+    /// Precision of the E2B/E4B vision tower's encoder linears (default f32).
+    pub vision_quant: crate::clippable::VisionQuant,
 }
 
 impl LoadOptions {
@@ -62,6 +64,7 @@ impl Default for LoadOptions {
             quant: Quant::F32,
             keep_f16: KeepF16::None,
             max_context: 8192,
+            vision_quant: crate::clippable::VisionQuant::F32,
         }
     }
 }
