@@ -386,6 +386,7 @@ mod tests {
                 &path,
                 &candle_core::Device::Cpu,
                 crate::model::Quant::F32,
+                crate::model::clippable::VisionQuant::F32,
             )
             .unwrap();
             assert_eq!(tower.text_hidden(), text_hidden);

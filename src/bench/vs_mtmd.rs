@@ -237,8 +237,9 @@ pub fn percept_round(side: &mut Side, cmd: &mut Command) {
     }
 }
 
-/// percept's side, in this process: the tower from the projector alone, the frame at each
-/// budget, one untimed encode, then one timed. One JSON line.
+/// percept's side, in this process: the tower from the projector alone, its encoder linears
+/// at percept's default `[model] vision_quant`, the frame at each budget, one untimed
+/// encode, then one timed. One JSON line.
 pub fn percept_side(
     mmproj: &Path,
     frame: &Path,
@@ -250,6 +251,7 @@ pub fn percept_side(
         mmproj,
         &candle_core::Device::Cpu,
         crate::model::Quant::F32,
+        crate::config::ModelConfig::default().vision_quant,
     )?;
     let load_s = t0.elapsed().as_secs_f64();
     let img = image::load_rgb(frame).map_err(|e| anyhow::anyhow!("{}: {e}", frame.display()))?;

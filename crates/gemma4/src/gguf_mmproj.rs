@@ -347,11 +347,13 @@ pub fn configs(f: &GgufFile) -> Result<(serde_json::Value, serde_json::Value), L
 /// The vision tower (`gemma4v`) of a projector GGUF alone, without its text model: what a
 /// benchmark of the tower needs (`model run` loads it with the decoder instead). The tower
 /// settings come from [`configs`], the decoder width from `mm.input_projection.weight`
-/// (`[text_hidden, vision_hidden]`); `proj` is the storage of that projection.
+/// (`[text_hidden, vision_hidden]`); `proj` is the storage of that projection, `vq` that of
+/// the encoder linears.
 pub fn vision_tower(
     path: &std::path::Path,
     device: &Device,
     proj: super::Quant,
+    vq: super::clippable::VisionQuant,
 ) -> Result<super::vision::VisionTower, LoadError> {
     let w = super::loader::Weights::open_gguf(&[path.to_path_buf()], device, DType::F32)?;
     let bad = |m: &str| LoadError::Parse {
@@ -377,5 +379,5 @@ pub fn vision_tower(
         .get("mm.input_projection.weight")
         .map(|t| t.shape[0])
         .ok_or_else(|| bad("no mm.input_projection.weight"))?;
-    super::vision::VisionTower::load_with(&w, &cfg, text_hidden, proj)
+    super::vision::VisionTower::load_quant(&w, &cfg, text_hidden, proj, vq)
 }
