@@ -126,11 +126,16 @@ fn input(name: &str) -> String {
 fn model_run_with_media_reproduces_reference_tokens() {
     let img = input("image.png");
     let wav = input("audio.wav");
+    // The reference's precision: percept's default int8 vision tower moves soft tokens by
+    // ~1% (towers_parity::vision_tower_int8_tracks_f32), enough to change a random tiny
+    // model's greedy tokens.
     let v = run_json(&[
         "--image",
         &img,
         "--max-soft-tokens",
         "70",
+        "--vision-quant",
+        "f32",
         "--prompt",
         "What is in this image?",
     ]);
@@ -146,6 +151,8 @@ fn model_run_with_media_reproduces_reference_tokens() {
         &wav,
         "--max-soft-tokens",
         "70",
+        "--vision-quant",
+        "f32",
         "--prompt",
         "Describe the picture and the sound.",
     ]);
@@ -326,6 +333,8 @@ fn unified_model_run_reproduces_reference_tokens() {
         &wav,
         "--max-soft-tokens",
         "70",
+        "--vision-quant",
+        "f32",
         "--prompt",
         "Describe the picture and the sound.",
     ]);
