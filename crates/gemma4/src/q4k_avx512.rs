@@ -195,10 +195,11 @@ fn dot_avx512<const R: usize>(xs: &[RawQ4K], ys: &[RawQ8K]) -> [f32; R] {
 }
 
 /// From this many activation rows on, `qmm` multiplies Q4K with [`matmul_tiled`] (below
-/// `qmm::PACKED_MIN_ROWS` where the CPU has AMX). At 128 and 512 rows the tiles ran
-/// 2.5-3.8x [`dot_rows`] (`bench model --kernels`, E4B and 12B shapes); 32 is the row count
-/// from which unpacking 16 weight rows costs less than multiplying them, by instruction
-/// count as for Q6K.
+/// `qmm::PACKED_MIN_ROWS` where the CPU has AMX). Against [`dot_rows`] (`bench model
+/// --kernels`, E4B and 12B shapes, best of two interleaved runs on a loaded 2-core VM) the
+/// tiles ran 0.3-0.4x its speed at 8 rows, 0.6-1.0x at 16, 0.66-2.3x at 32 (losing on the
+/// `ffn_down` shapes, k = 10240 / 15360, winning on the others), 1.9-3.5x at 128 and
+/// 2.3-3.0x at 512.
 pub const TILED_MIN_ROWS: usize = 32;
 
 /// Weight rows per tile of [`matmul_tiled`]: one 32-bit lane each of a 512-bit register.
