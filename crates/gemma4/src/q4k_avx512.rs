@@ -205,6 +205,13 @@ pub const TILED_MIN_ROWS: usize = 32;
 /// Weight rows per tile of [`matmul_tiled`]: one 32-bit lane each of a 512-bit register.
 const TILE_N: usize = 16;
 
+/// Blocks of tiles (5.8 KB each) multiplied with all activation rows before the next run:
+/// 46 KB, about L1. At 128 rows this ran 1.07-1.5x the whole row of tiles at a time (12B
+/// `ffn_down` 37.6 -> 31.3 ms), at 32 rows 0.85-0.95x (`bench model --kernels`, best of two
+/// interleaved runs, load 1.6-2.4), hence only from K_CHUNK_MIN_ROWS rows on.
+const K_CHUNK: usize = 8;
+const K_CHUNK_MIN_ROWS: usize = 128;
+
 /// Activation rows multiplied per pass over the tiles: 4 rows keep 3 integer and 1 float
 /// accumulator each besides the weights, scales and broadcast activations in registers.
 const GROUP: usize = 4;
@@ -329,27 +336,37 @@ fn matmul_tiled_with(
                     t.set_row(r, x);
                 }
             }
-            for (o, y) in o.chunks_mut(GROUP * TILE_N).zip(ys.chunks(GROUP * bpr)) {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `available()` was checked above; `vnni` only where the CPU has it
-                // (`matmul_tiled`, the test).
-                #[allow(unsafe_code)]
-                unsafe {
-                    match (o.len() / TILE_N, vnni) {
-                        (4, true) => tile_vnni::<4>(tiles, y, o),
-                        (3, true) => tile_vnni::<3>(tiles, y, o),
-                        (2, true) => tile_vnni::<2>(tiles, y, o),
-                        (_, true) => tile_vnni::<1>(tiles, y, o),
-                        (4, false) => tile_bw::<4>(tiles, y, o),
-                        (3, false) => tile_bw::<3>(tiles, y, o),
-                        (2, false) => tile_bw::<2>(tiles, y, o),
-                        (_, false) => tile_bw::<1>(tiles, y, o),
+            // Many rows: a run of K_CHUNK blocks of tiles at a time for all of them, so the
+            // tiles being read stay in L1 whatever k is.
+            let chunk = if m >= K_CHUNK_MIN_ROWS {
+                K_CHUNK
+            } else {
+                bpr.max(1)
+            };
+            for (c, kc) in tiles.chunks(chunk).enumerate() {
+                for (o, y) in o.chunks_mut(GROUP * TILE_N).zip(ys.chunks(GROUP * bpr)) {
+                    let y = &y[c * chunk..];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `available()` was checked above; `vnni` only where the CPU has
+                    // it (`matmul_tiled`, the test).
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        match (o.len() / TILE_N, vnni) {
+                            (4, true) => tile_vnni::<4>(kc, y, bpr, o),
+                            (3, true) => tile_vnni::<3>(kc, y, bpr, o),
+                            (2, true) => tile_vnni::<2>(kc, y, bpr, o),
+                            (_, true) => tile_vnni::<1>(kc, y, bpr, o),
+                            (4, false) => tile_bw::<4>(kc, y, bpr, o),
+                            (3, false) => tile_bw::<3>(kc, y, bpr, o),
+                            (2, false) => tile_bw::<2>(kc, y, bpr, o),
+                            (_, false) => tile_bw::<1>(kc, y, bpr, o),
+                        }
                     }
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                {
-                    let _ = (o, y, vnni);
-                    unreachable!("available() is false off x86_64")
+                    #[cfg(not(target_arch = "x86_64"))]
+                    {
+                        let _ = (o, y, vnni);
+                        unreachable!("available() is false off x86_64")
+                    }
                 }
             }
         });
@@ -364,21 +381,21 @@ fn matmul_tiled_with(
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-fn tile_vnni<const R: usize>(tiles: &[Tile], ys: &[RawQ8K], out: &mut [f32]) {
+fn tile_vnni<const R: usize>(tiles: &[Tile], ys: &[RawQ8K], stride: usize, out: &mut [f32]) {
     // SAFETY: the features the body uses are enabled on this function.
-    unsafe { tile_body::<R, true>(tiles, ys, out) }
+    unsafe { tile_body::<R, true>(tiles, ys, stride, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn tile_bw<const R: usize>(tiles: &[Tile], ys: &[RawQ8K], out: &mut [f32]) {
+fn tile_bw<const R: usize>(tiles: &[Tile], ys: &[RawQ8K], stride: usize, out: &mut [f32]) {
     // SAFETY: as above; the VNNI instructions are not reached with `VNNI = false`.
-    unsafe { tile_body::<R, false>(tiles, ys, out) }
+    unsafe { tile_body::<R, false>(tiles, ys, stride, out) }
 }
 
-/// `R` activation rows (`ys`, R rows of `tiles.len()` blocks) against the 16 weight rows of
-/// `tiles`: `out[r · 16 + i] = w_i · y_r`.
+/// `R` activation rows (`ys`, block `b` of row `r` at `r · stride + b`) against the 16
+/// weight rows of `tiles`: `out[r · 16 + i] += w_i · y_r`.
 ///
 /// Per sub-block (32 weights) and lane the 32 code-activation products sum to at most
 /// 32 · 15 · 128 = 61440: with VNNI they accumulate in i32 by `vpdpbusd` and are scaled
@@ -391,11 +408,14 @@ fn tile_bw<const R: usize>(tiles: &[Tile], ys: &[RawQ8K], out: &mut [f32]) {
 unsafe fn tile_body<const R: usize, const VNNI: bool>(
     tiles: &[Tile],
     ys: &[RawQ8K],
+    stride: usize,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let bpr = tiles.len();
-    let mut acc = [_mm512_setzero_ps(); R];
+    let bpr = stride;
+    // SAFETY: out holds R · 16 floats (the caller's chunk).
+    let mut acc: [__m512; R] =
+        std::array::from_fn(|r| unsafe { _mm512_loadu_ps(out.as_ptr().add(r * TILE_N)) });
     for (b, t) in tiles.iter().enumerate() {
         let y: [&RawQ8K; R] = std::array::from_fn(|r| &ys[r * bpr + b]);
         let mut sumi = [_mm512_setzero_si512(); R];
@@ -532,7 +552,7 @@ mod tests {
         let vnni = false;
         let mut rng = SplitMix64(17);
         let mut uniform = || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        for (blocks, n) in [(1usize, 16usize), (3, 48), (6, 32)] {
+        for (blocks, n) in [(1usize, 16usize), (3, 48), (6, 32), (10, 16)] {
             let k = blocks * 256;
             // Magnitudes and offsets that change every 32 weights, so the 6-bit scales and
             // mins of the sub-blocks differ and use their whole range.
@@ -542,8 +562,8 @@ mod tests {
             let mut qw = vec![BlockQ4K::zeros(); n * blocks];
             BlockQ4K::from_float(&w, &mut qw);
             // 1..=40 activation rows: groups of 4 and each remainder, past the 32-row
-            // crossover `qmm` uses.
-            for m in 1..=40usize {
+            // crossover `qmm` uses; 128 for runs of K_CHUNK blocks (10 blocks: two runs).
+            for m in (1..=40usize).chain([128]) {
                 let x: Vec<f32> = (0..m * k).map(|_| uniform() * 4.0 - 2.0).collect();
                 let mut qx = vec![BlockQ8K::zeros(); m * blocks];
                 BlockQ8K::from_float(&x, &mut qx);
