@@ -207,8 +207,9 @@ const TILE_N: usize = 16;
 
 /// Blocks of tiles (5.8 KB each) multiplied with all activation rows before the next run:
 /// 46 KB, about L1. At 128 rows this ran 1.07-1.5x the whole row of tiles at a time (12B
-/// `ffn_down` 37.6 -> 31.3 ms), at 32 rows 0.85-0.95x (`bench model --kernels`, best of two
-/// interleaved runs, load 1.6-2.4), hence only from K_CHUNK_MIN_ROWS rows on.
+/// `ffn_down` 37.6 -> 31.3 ms), at 512 rows 0.95-1.04x, at 32 rows 0.85-0.95x (`bench model
+/// --kernels`, best of two interleaved runs, load 1.6-2.4), hence only from
+/// K_CHUNK_MIN_ROWS rows on.
 const K_CHUNK: usize = 8;
 const K_CHUNK_MIN_ROWS: usize = 128;
 
