@@ -16,9 +16,10 @@
 //! - many rows (prefill): on CPUs with AMX, Q4K goes through candle's AMX tiles packed for
 //!   this one call and dropped after it ([`packed_once`]): the packing (about 2.2 bytes per
 //!   compact byte) costs less than the multiplication it speeds up once there are
-//!   [`PACKED_MIN_ROWS`] rows, and nothing stays resident. Without AMX, Q4K with the AVX-512
-//!   kernel takes the decode path (activation rows tiled), and so do Q6K / Q5K with theirs
-//!   (AMX or not); otherwise weight rows are dequantized a tile at a time into a small f32
+//!   [`PACKED_MIN_ROWS`] rows, and nothing stays resident. Below that (or without AMX), Q4K
+//!   and Q6K with AVX-512 unpack 16 weight rows at a time into per-call tiles
+//!   (`q4k_avx512::matmul_tiled`, `q6k_avx512::matmul_tiled`), and Q5K takes the decode
+//!   path (activation rows tiled); otherwise weight rows are dequantized a tile at a time into a small f32
 //!   buffer per worker and multiplied with `gemm`, so no whole-matrix f32 copy exists.
 //!
 //! Block layout is candle's (= GGML's): each weight row is `k / block_size` consecutive
@@ -82,6 +83,15 @@ pub fn matmul(q: &QTensor, lhs: &[f32], m: usize, dst: &mut [f32]) -> CResult<()
         // go through 8 bits as in every decode step.
         GgmlDType::Q4K if m >= PACKED_MIN_ROWS && n.is_multiple_of(16) && amx() => {
             packed_once(&bytes, (m, k, n), lhs, dst)
+        }
+        // Without AMX, many rows go through tiles of 16 weight rows unpacked per call (the
+        // figures against the block dot product are in the commit that added them).
+        GgmlDType::Q4K
+            if m >= super::q4k_avx512::TILED_MIN_ROWS
+                && n.is_multiple_of(16)
+                && super::q4k_avx512::available() =>
+        {
+            super::q4k_avx512::matmul_tiled(cast_blocks(&bytes)?, (m, k, n), lhs, dst)
         }
         GgmlDType::Q4K => {
             let plan: (RowDot<BlockQ4K>, usize) = if int_prefill() {
