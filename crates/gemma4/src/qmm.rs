@@ -78,14 +78,15 @@ pub fn matmul(q: &QTensor, lhs: &[f32], m: usize, dst: &mut [f32]) -> CResult<()
     }
     let bytes = q.data()?;
     match q.dtype() {
-        // The AVX-512 kernel also serves prefill: 130-140 GFLOP/s at 64 and 256 rows against
-        // 75-100 for dequantize + f32 GEMM (`bench model --kernels`), and activations then
-        // go through 8 bits as in every decode step.
+        // Integer kernels at every row count (activations through 8 bits as in every decode
+        // step): AMX tiles packed per call from PACKED_MIN_ROWS where the CPU has them...
         GgmlDType::Q4K if m >= PACKED_MIN_ROWS && n.is_multiple_of(16) && amx() => {
             packed_once(&bytes, (m, k, n), lhs, dst)
         }
-        // Without AMX, many rows go through tiles of 16 weight rows unpacked per call (the
-        // figures against the block dot product are in the commit that added them).
+        // ...otherwise, from TILED_MIN_ROWS, tiles of 16 weight rows unpacked per call (1.9-3.5x
+        // the block dot product at 128 rows, on par with candle's resident repacked copy at
+        // the 12B shapes; figures in the commits that added them), and below that the block
+        // dot product over the compact rows.
         GgmlDType::Q4K
             if m >= super::q4k_avx512::TILED_MIN_ROWS
                 && n.is_multiple_of(16)
