@@ -1085,6 +1085,17 @@ fn percept_side(gguf: &Path, a: &VsLlamacppArgs) -> anyhow::Result<serde_json::V
         let l = m.forward(&e, p.as_ref(), &mut segs)?;
         Ok(argmax(&l[0].squeeze(0)?.to_vec1::<f32>()?))
     };
+    // Prompts go in chunks of `[model] prefill_chunk` rows, as `percept run` prefills them
+    // (llama-bench likewise evaluates ubatches of 512): one 4096-row step would hold
+    // activations for all of them at once and measure a peak RSS percept never reaches.
+    let chunk = crate::config::ModelConfig::default().prefill_chunk.max(1);
+    let prefill = |cache: &mut crate::model::text::SeqCache, ids: &[u32]| -> anyhow::Result<u32> {
+        let mut tok = 0;
+        for c in ids.chunks(chunk) {
+            tok = step(cache, c)?;
+        }
+        Ok(tok)
+    };
     step(&mut m.new_cache(), &[2])?;
     let ready_s = t0.elapsed().as_secs_f64();
     if a.ready_only {
@@ -1098,13 +1109,13 @@ fn percept_side(gguf: &Path, a: &VsLlamacppArgs) -> anyhow::Result<serde_json::V
             .map(|_| (300 + rng.next_u64() % (vocab - 300).max(1)) as u32)
             .collect()
     };
-    let mut prefill = serde_json::Map::new();
+    let mut prefill_ts = serde_json::Map::new();
     for &n in &a.prompts {
         let p = ids(n);
         let mut cache = m.new_cache();
         let t = Instant::now();
-        step(&mut cache, &p)?;
-        prefill.insert(n.to_string(), (n as f64 / t.elapsed().as_secs_f64()).into());
+        prefill(&mut cache, &p)?;
+        prefill_ts.insert(n.to_string(), (n as f64 / t.elapsed().as_secs_f64()).into());
     }
     let mut decode = serde_json::Map::new();
     let depths: Vec<usize> = if a.depth > 0 {
@@ -1114,7 +1125,11 @@ fn percept_side(gguf: &Path, a: &VsLlamacppArgs) -> anyhow::Result<serde_json::V
     };
     for d in depths {
         let mut cache = m.new_cache();
-        let mut tok = if d > 0 { step(&mut cache, &ids(d))? } else { 2 };
+        let mut tok = if d > 0 {
+            prefill(&mut cache, &ids(d))?
+        } else {
+            2
+        };
         // One untimed step (llama-bench warms up with one decode too).
         tok = step(&mut cache, &[tok])?;
         let t = Instant::now();
@@ -1128,7 +1143,7 @@ fn percept_side(gguf: &Path, a: &VsLlamacppArgs) -> anyhow::Result<serde_json::V
     }
     Ok(serde_json::json!({
         "ready_s": ready_s,
-        "prefill_tok_s": prefill,
+        "prefill_tok_s": prefill_ts,
         "decode_tok_s": decode,
         "decode_bytes_per_token": m.decode_bytes_per_token(),
     }))
