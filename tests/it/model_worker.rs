@@ -347,15 +347,13 @@ fn sighup_changes_a_task_without_restarting() {
     assert!(err.contains("Reloading the config"), "{err}");
     assert!(err.contains("Task changed"), "{err}");
     assert_eq!(err.matches("Model ready").count(), 1, "{err}");
+    // One source all along: the reload never restarted it. (Its `connecting` states are
+    // not counted: under a loaded machine the live test source may miss its stall watchdog
+    // and reconnect by itself, which is supervision, not the reload.)
+    assert!(!err.contains("Source changed; restarting it"), "{err}");
+    assert!(!err.contains("old graph is still stopping"), "{err}");
     let ev = read_events(&events);
-    // One source all along: never restarted.
-    assert_eq!(
-        of_kind(&ev, "cam", "state")
-            .iter()
-            .filter(|e| e["state"] == "connecting")
-            .count(),
-        1
-    );
+    assert!(!of_kind(&ev, "cam", "state").is_empty());
 }
 
 /// `describe` over windows of 3 frames sent as video: one description per window, spanning
