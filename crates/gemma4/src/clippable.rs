@@ -20,8 +20,8 @@ use super::w8a8::PackedI8;
 pub enum VisionQuant {
     /// int8 weights (per output row scale) x int8 activations (per row scale, per call)
     /// with AVX-512 VNNI: about half the f32 tower's time per frame at 70 soft tokens
-    /// (`bench model`, 2-core AMD EPYC). Soft tokens move by ~1% of their magnitude
-    /// (see `tests/towers_tiny.rs`). Runs f32 where the CPU lacks AVX-512 VNNI or the
+    /// (`bench model`, 2-core AMD EPYC). Soft tokens move by up to 3.5% of the largest
+    /// value on the tiny fixture tower, cosine 0.9997 (`tests/towers_parity.rs`). Runs f32 where the CPU lacks AVX-512 VNNI or the
     /// tower is not on the CPU.
     Int8,
     /// f32 throughout, the reference's precision (what parity tests use).
