@@ -30,15 +30,49 @@ struct RawQ4K {
     qs: [u8; 128],
 }
 
+/// Candle's `BlockQ8K` with its fields visible: the activation side of every K-quant kernel
+/// (Q4K here, Q5K, Q6K).
 #[repr(C)]
-struct RawQ8K {
-    d: f32,
-    qs: [i8; 256],
-    bsums: [i16; 16],
+pub(crate) struct RawQ8K {
+    pub(crate) d: f32,
+    pub(crate) qs: [i8; 256],
+    pub(crate) bsums: [i16; 16],
 }
 
 const _: () = assert!(std::mem::size_of::<RawQ4K>() == std::mem::size_of::<BlockQ4K>());
 const _: () = assert!(std::mem::size_of::<RawQ8K>() == std::mem::size_of::<BlockQ8K>());
+
+/// `ys` seen as [`RawQ8K`]s.
+pub(crate) fn raw_q8k(ys: &[BlockQ8K]) -> &[RawQ8K] {
+    // SAFETY: `RawQ8K` mirrors `BlockQ8K` field for field (`repr(C)`, size asserted above);
+    // every bit pattern of its f32 / integer fields is valid, and the slice borrows `ys`.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::slice::from_raw_parts(ys.as_ptr().cast::<RawQ8K>(), ys.len())
+    }
+}
+
+/// The `m` rows of `lhs` (`k` wide) quantized to Q8K, one after another: the activations of
+/// the tiled prefill paths.
+pub(crate) fn quantize_q8k(lhs: &[f32], k: usize) -> Vec<BlockQ8K> {
+    use candle_core::quantized::k_quants::GgmlType;
+    let bpr = k / 256;
+    let mut qx = vec![BlockQ8K::zeros(); lhs.len() / k.max(1) * bpr];
+    for (row, q) in lhs.chunks_exact(k).zip(qx.chunks_mut(bpr)) {
+        BlockQ8K::from_float(row, q);
+    }
+    qx
+}
+
+/// Scatters the tiled paths' output, `[n / 16][m][16]` (one contiguous slice per run of 16
+/// weight rows), into `dst[m, n]`.
+pub(crate) fn scatter_tiles(out: &[f32], m: usize, n: usize, dst: &mut [f32]) {
+    for (t, o) in out.chunks_exact(m * TILE_N).enumerate() {
+        for (i, v) in o.chunks_exact(TILE_N).enumerate() {
+            dst[i * n + t * TILE_N..][..TILE_N].copy_from_slice(v);
+        }
+    }
+}
 
 /// Whether this CPU runs [`dot`] (checked once; std caches the answer).
 pub fn available() -> bool {
@@ -88,12 +122,10 @@ pub fn dot_rows(xs: &[BlockQ4K], ys: &[BlockQ8K], out: &mut [f32]) {
     // (sizes asserted at compile time; the test below checks values against candle), and
     // every bit pattern of those fields is valid.
     #[allow(unsafe_code)]
-    let (xs, ys) = unsafe {
-        (
-            std::slice::from_raw_parts(xs.as_ptr().cast::<RawQ4K>(), xs.len()),
-            std::slice::from_raw_parts(ys.as_ptr().cast::<RawQ8K>(), ys.len()),
-        )
-    };
+    let (xs, ys) = (
+        unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<RawQ4K>(), xs.len()) },
+        raw_q8k(ys),
+    );
     for (o, y) in out.chunks_mut(4).zip(ys.chunks(4 * bpr.max(1))) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` was checked above.
@@ -203,7 +235,7 @@ fn dot_avx512<const R: usize>(xs: &[RawQ4K], ys: &[RawQ8K]) -> [f32; R] {
 pub const TILED_MIN_ROWS: usize = 32;
 
 /// Weight rows per tile of [`matmul_tiled`]: one 32-bit lane each of a 512-bit register.
-const TILE_N: usize = 16;
+pub(crate) const TILE_N: usize = 16;
 
 /// Blocks of tiles (5.8 KB each) multiplied with all activation rows before the next run:
 /// 46 KB, about L1. At 128 rows this ran 1.07-1.5x the whole row of tiles at a time (12B
@@ -301,7 +333,6 @@ fn matmul_tiled_with(
     lhs: &[f32],
     dst: &mut [f32],
 ) -> candle_core::Result<()> {
-    use candle_core::quantized::k_quants::GgmlType;
     use rayon::prelude::*;
     let bpr = k / 256;
     if !k.is_multiple_of(256)
@@ -313,18 +344,13 @@ fn matmul_tiled_with(
         candle_core::bail!("q4k tiled: sizes do not fit m={m} k={k} n={n}");
     }
     assert!(available(), "q4k tiled: AVX-512 BW not available");
-    let mut qx = vec![BlockQ8K::zeros(); m * bpr];
-    for (row, q) in lhs.chunks_exact(k).zip(qx.chunks_mut(bpr)) {
-        BlockQ8K::from_float(row, q);
-    }
+    let qx = quantize_q8k(lhs, k);
     // SAFETY: as in `dot_rows`.
     #[allow(unsafe_code)]
-    let (xs, ys) = unsafe {
-        (
-            std::slice::from_raw_parts(xs.as_ptr().cast::<RawQ4K>(), xs.len()),
-            std::slice::from_raw_parts(qx.as_ptr().cast::<RawQ8K>(), qx.len()),
-        )
-    };
+    let (xs, ys) = (
+        unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<RawQ4K>(), xs.len()) },
+        raw_q8k(&qx),
+    );
     // `[n / 16][m][16]`: each task writes one contiguous slice; scattered into dst below.
     let mut out = vec![0f32; m * n];
     out.par_chunks_mut(m * TILE_N)
@@ -371,11 +397,7 @@ fn matmul_tiled_with(
                 }
             }
         });
-    for (t, o) in out.chunks_exact(m * TILE_N).enumerate() {
-        for (i, v) in o.chunks_exact(TILE_N).enumerate() {
-            dst[i * n + t * TILE_N..][..TILE_N].copy_from_slice(v);
-        }
-    }
+    scatter_tiles(&out, m, n, dst);
     Ok(())
 }
 

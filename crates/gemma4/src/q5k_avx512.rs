@@ -15,7 +15,7 @@
 
 use candle_core::quantized::k_quants::{BlockQ5K, BlockQ8K};
 
-use super::q4k_avx512::unpack_scales;
+use super::q4k_avx512::{raw_q8k, unpack_scales, RawQ8K};
 
 #[repr(C)]
 struct RawQ5K {
@@ -26,15 +26,7 @@ struct RawQ5K {
     qs: [u8; 128],
 }
 
-#[repr(C)]
-struct RawQ8K {
-    d: f32,
-    qs: [i8; 256],
-    bsums: [i16; 16],
-}
-
 const _: () = assert!(std::mem::size_of::<RawQ5K>() == std::mem::size_of::<BlockQ5K>());
-const _: () = assert!(std::mem::size_of::<RawQ8K>() == std::mem::size_of::<BlockQ8K>());
 
 /// Whether this CPU runs [`dot_rows`] (checked once; std caches the answer).
 pub fn available() -> bool {
@@ -60,12 +52,10 @@ pub fn dot_rows(xs: &[BlockQ5K], ys: &[BlockQ8K], out: &mut [f32]) {
     // (sizes asserted at compile time; the test below checks values against candle), and
     // every bit pattern of those fields is valid.
     #[allow(unsafe_code)]
-    let (xs, ys) = unsafe {
-        (
-            std::slice::from_raw_parts(xs.as_ptr().cast::<RawQ5K>(), xs.len()),
-            std::slice::from_raw_parts(ys.as_ptr().cast::<RawQ8K>(), ys.len()),
-        )
-    };
+    let (xs, ys) = (
+        unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<RawQ5K>(), xs.len()) },
+        raw_q8k(ys),
+    );
     #[cfg(target_arch = "x86_64")]
     let vnni = std::arch::is_x86_feature_detected!("avx512vnni");
     for (o, y) in out.chunks_mut(GROUP).zip(ys.chunks(GROUP * bpr.max(1))) {

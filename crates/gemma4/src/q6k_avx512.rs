@@ -23,6 +23,8 @@
 
 use candle_core::quantized::k_quants::{BlockQ6K, BlockQ8K};
 
+use super::q4k_avx512::{quantize_q8k, raw_q8k, scatter_tiles, RawQ8K, TILE_N};
+
 #[repr(C)]
 struct RawQ6K {
     ql: [u8; 128],
@@ -31,15 +33,7 @@ struct RawQ6K {
     d: u16,
 }
 
-#[repr(C)]
-struct RawQ8K {
-    d: f32,
-    qs: [i8; 256],
-    bsums: [i16; 16],
-}
-
 const _: () = assert!(std::mem::size_of::<RawQ6K>() == std::mem::size_of::<BlockQ6K>());
-const _: () = assert!(std::mem::size_of::<RawQ8K>() == std::mem::size_of::<BlockQ8K>());
 
 /// Whether this CPU runs [`dot_rows`] (checked once; std caches the answer).
 pub fn available() -> bool {
@@ -80,12 +74,10 @@ pub fn dot_rows(xs: &[BlockQ6K], ys: &[BlockQ8K], out: &mut [f32]) {
     // (sizes asserted at compile time; the test below checks values against candle), and
     // every bit pattern of those fields is valid.
     #[allow(unsafe_code)]
-    let (xs, ys) = unsafe {
-        (
-            std::slice::from_raw_parts(xs.as_ptr().cast::<RawQ6K>(), xs.len()),
-            std::slice::from_raw_parts(ys.as_ptr().cast::<RawQ8K>(), ys.len()),
-        )
-    };
+    let (xs, ys) = (
+        unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<RawQ6K>(), xs.len()) },
+        raw_q8k(ys),
+    );
     #[cfg(target_arch = "x86_64")]
     let vnni = vnni();
     for (o, y) in out.chunks_mut(GROUP).zip(ys.chunks(GROUP * bpr.max(1))) {
@@ -243,9 +235,6 @@ unsafe fn dot_body<const R: usize, const VNNI: bool>(xs: &[RawQ6K], ys: &[RawQ8K
 /// the dequantize + f32 GEMM it replaced (`bench model --kernels`, 12B MLP shapes).
 pub const TILED_MIN_ROWS: usize = 32;
 
-/// Weight rows per tile of [`matmul_tiled`]: one 32-bit lane each of a 512-bit register.
-const TILE_N: usize = 16;
-
 /// One block (256 weights) of 16 weight rows, unpacked so that one `vpmaddubsw` against 4
 /// broadcast activation bytes and one `vpdpwssd` with the scales add 4 products to each
 /// row's lane: the layout llama.cpp and candle repack whole matrices into, here built per
@@ -305,7 +294,6 @@ pub fn matmul_tiled(
     lhs: &[f32],
     dst: &mut [f32],
 ) -> candle_core::Result<()> {
-    use candle_core::quantized::k_quants::GgmlType;
     use rayon::prelude::*;
     let bpr = k / 256;
     if !k.is_multiple_of(256)
@@ -317,18 +305,13 @@ pub fn matmul_tiled(
         candle_core::bail!("q6k tiled: sizes do not fit m={m} k={k} n={n}");
     }
     assert!(available(), "q6k tiled: AVX-512 BW not available");
-    let mut qx = vec![BlockQ8K::zeros(); m * bpr];
-    for (row, q) in lhs.chunks_exact(k).zip(qx.chunks_mut(bpr)) {
-        BlockQ8K::from_float(row, q);
-    }
+    let qx = quantize_q8k(lhs, k);
     // SAFETY: as in `dot_rows`.
     #[allow(unsafe_code)]
-    let (xs, ys) = unsafe {
-        (
-            std::slice::from_raw_parts(xs.as_ptr().cast::<RawQ6K>(), xs.len()),
-            std::slice::from_raw_parts(qx.as_ptr().cast::<RawQ8K>(), qx.len()),
-        )
-    };
+    let (xs, ys) = (
+        unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<RawQ6K>(), xs.len()) },
+        raw_q8k(&qx),
+    );
     #[cfg(target_arch = "x86_64")]
     let vnni = vnni();
     // `[n / 16][m][16]`: each task writes one contiguous slice; scattered into dst below.
@@ -366,11 +349,7 @@ pub fn matmul_tiled(
                 }
             }
         });
-    for (t, o) in out.chunks_exact(m * TILE_N).enumerate() {
-        for (i, v) in o.chunks_exact(TILE_N).enumerate() {
-            dst[i * n + t * TILE_N..][..TILE_N].copy_from_slice(v);
-        }
-    }
+    scatter_tiles(&out, m, n, dst);
     Ok(())
 }
 
