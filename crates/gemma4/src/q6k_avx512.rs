@@ -37,15 +37,8 @@ const _: () = assert!(std::mem::size_of::<RawQ6K>() == std::mem::size_of::<Block
 
 /// Whether this CPU runs [`dot_rows`] (checked once; std caches the answer).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    // The same instructions as the Q4K kernel's.
+    super::q4k_avx512::available()
 }
 
 #[cfg(target_arch = "x86_64")]
